@@ -1,0 +1,184 @@
+// Per-element math of adam_step and adam_step_backward (docs/ops.md, "Adam / AdamW"),
+// shared by the CPU loops (csrc/cpu/adam_cpu.cpp) and the CUDA kernels. Torch-free on
+// purpose: CUDA translation units include it without any torch header.
+//
+// T is the compute type (float or double; half buffers compute in float). amsgrad and
+// decoupled weight decay are template parameters so that a backend hoists them out of
+// its inner loop; maximize is the exact sign factor AdamScalars::sign (+1 or -1).
+#pragma once
+
+#include "segments.h"
+
+namespace loft {
+
+/// The per-segment scalars of one Adam step, in a compute type T. They depend on the
+/// group's hyperparameters and on the segment's own step count; build them in double
+/// with adam_segment_scalars() and cast once per segment.
+template <typename T>
+struct AdamScalars {
+  T sign;             // -1 when the group maximizes, else +1
+  T lr;               // lr
+  T beta1;            // beta1
+  T one_minus_beta1;  // 1 - beta1
+  T beta2;            // beta2
+  T one_minus_beta2;  // 1 - beta2
+  T eps;              // eps
+  T weight_decay;     // weight_decay
+  T decay;            // 1 - lr * weight_decay (AdamW's decoupled decay factor)
+  T step_size;        // c = lr / bc1, bc1 = 1 - beta1^t
+  T sqrt_bc2;         // sqrt(bc2), bc2 = 1 - beta2^t
+  T inv_sqrt_bc2;     // r = 1 / sqrt(bc2)
+  T inv_bc1;          // 1 / bc1
+  T beta1_coef;       // d c / d beta1 = lr * t * beta1^(t-1) / bc1^2
+  T beta2_coef;       // d d / d beta2 per unit s = 0.5 * t * beta2^(t-1) * bc2^(-3/2)
+
+  template <typename U>
+  LOFT_HOST_DEVICE AdamScalars<U> cast() const {
+    return {static_cast<U>(sign),      static_cast<U>(lr),
+            static_cast<U>(beta1),     static_cast<U>(one_minus_beta1),
+            static_cast<U>(beta2),     static_cast<U>(one_minus_beta2),
+            static_cast<U>(eps),       static_cast<U>(weight_decay),
+            static_cast<U>(decay),     static_cast<U>(step_size),
+            static_cast<U>(sqrt_bc2),  static_cast<U>(inv_sqrt_bc2),
+            static_cast<U>(inv_bc1),   static_cast<U>(beta1_coef),
+            static_cast<U>(beta2_coef)};
+  }
+};
+
+/// Per-segment Adam scalars in float64 for a segment that had `step` updates before
+/// this one (t = step + 1).
+LOFT_HOST_DEVICE inline AdamScalars<double> adam_segment_scalars(double lr, double beta1,
+                                                                 double beta2, double eps,
+                                                                 double weight_decay, int64_t flags,
+                                                                 int64_t step) {
+  const int64_t t = step + 1;
+  const double beta1_pow_tm1 = loft_pow(beta1, step);  // beta1^(t-1)
+  const double beta2_pow_tm1 = loft_pow(beta2, step);
+  const double bc1 = 1.0 - loft_pow(beta1, t);  // as torch.optim: 1 - beta1 ** t
+  const double bc2 = 1.0 - loft_pow(beta2, t);
+  const double sqrt_bc2 = loft_sqrt(bc2);
+  const double td = static_cast<double>(t);
+  AdamScalars<double> s;
+  s.sign = (flags & kAdamMaximize) ? -1.0 : 1.0;
+  s.lr = lr;
+  s.beta1 = beta1;
+  s.one_minus_beta1 = 1.0 - beta1;
+  s.beta2 = beta2;
+  s.one_minus_beta2 = 1.0 - beta2;
+  s.eps = eps;
+  s.weight_decay = weight_decay;
+  s.decay = 1.0 - lr * weight_decay;
+  s.step_size = lr / bc1;
+  s.sqrt_bc2 = sqrt_bc2;
+  s.inv_sqrt_bc2 = 1.0 / sqrt_bc2;
+  s.inv_bc1 = 1.0 / bc1;
+  s.beta1_coef = lr * td * beta1_pow_tm1 / (bc1 * bc1);
+  s.beta2_coef = 0.5 * td * beta2_pow_tm1 / (bc2 * sqrt_bc2);
+  return s;
+}
+
+/// One Adam element, forward:
+///
+///     g1 = maximize ? -g : g
+///     decoupled: g2 = g1,                    p0 = p * (1 - lr * weight_decay)
+///     else:      g2 = g1 + weight_decay * p, p0 = p
+///     m' = beta1 * m + (1 - beta1) * g2
+///     v' = beta2 * v + (1 - beta2) * g2^2
+///     u  = amsgrad ? max(vmax, v') : v'      (vmax' = u; without amsgrad vmax' = vmax)
+///     d  = sqrt(u) / sqrt(bc2) + eps
+///     p' = p0 - (lr / bc1) * m' / d
+///
+/// vmax and vmax_out are only used when kAmsgrad.
+template <bool kAmsgrad, bool kDecoupled, typename T>
+LOFT_HOST_DEVICE inline void adam_forward(T p, T g, T m, T v, T vmax, const AdamScalars<T>& s,
+                                          T& p_out, T& m_out, T& v_out, T& vmax_out) {
+  const T g1 = s.sign * g;
+  const T g2 = kDecoupled ? g1 : g1 + s.weight_decay * p;
+  const T p0 = kDecoupled ? p * s.decay : p;
+  m_out = s.beta1 * m + s.one_minus_beta1 * g2;
+  v_out = s.beta2 * v + s.one_minus_beta2 * g2 * g2;  // ((1 - beta2) g2) g2, as torch's addcmul
+  T u = v_out;
+  if (kAmsgrad) {
+    u = vmax > v_out ? vmax : v_out;
+    vmax_out = u;
+  }
+  const T d = loft_sqrt(u) / s.sqrt_bc2 + s.eps;
+  p_out = p0 - s.step_size * m_out / d;
+}
+
+/// Gradients of one Adam element: of its inputs (params, grads, exp_avg, exp_avg_sq,
+/// max_exp_avg_sq) and its contributions to the hyperparameter gradients.
+template <typename T>
+struct AdamElementGrads {
+  T params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq;
+  T lr, beta1, beta2, eps, weight_decay;
+};
+
+/// One Adam element, backward (vector-Jacobian product), with P, M, V, X the upstream
+/// gradients of p', m', v', vmax' and c = lr / bc1, r = 1 / sqrt(bc2):
+///
+///     Q  = P * c * m' / d^2            Mt = M - P * c / d
+///     U  = Q * r * (u > 0 ? 0.5 / sqrt(u) : 0)
+///     amsgrad: U += X, split between v' and vmax as torch.maximum's derivative
+///              (all to the larger, half each on a tie); Vt = V + U_v', grad_vmax = U_vmax
+///     else:    Vt = V + U, grad_vmax = X
+///     G2 = Mt * (1 - beta1) + Vt * (1 - beta2) * 2 * g2
+///     grad_p = decoupled ? P * (1 - lr * wd) : P + wd * G2
+///     grad_g = maximize ? -G2 : G2,  grad_m = Mt * beta1,  grad_v = Vt * beta2
+///     lr    += -P * m' / (bc1 * d) - (decoupled ? P * wd * p : 0)
+///     wd    += decoupled ? -P * lr * p : G2 * p
+///     eps   += Q
+///     beta1 += Mt * (m - g2) - P * (m' / d) * lr * t * beta1^(t-1) / bc1^2
+///     beta2 += Vt * (v - g2^2) + Q * 0.5 * s * bc2^(-3/2) * t * beta2^(t-1)
+///
+/// vmax and X are only read when kAmsgrad (X is the pass-through otherwise, which the
+/// caller copies itself).
+template <bool kAmsgrad, bool kDecoupled, typename T>
+LOFT_HOST_DEVICE inline AdamElementGrads<T> adam_backward(T P, T M, T V, T X, T p, T g, T m, T v,
+                                                          T vmax, const AdamScalars<T>& s) {
+  // Recompute the forward.
+  const T g1 = s.sign * g;
+  const T g2 = kDecoupled ? g1 : g1 + s.weight_decay * p;
+  const T m_new = s.beta1 * m + s.one_minus_beta1 * g2;
+  const T v_new = s.beta2 * v + s.one_minus_beta2 * g2 * g2;
+  const T u = kAmsgrad ? (vmax > v_new ? vmax : v_new) : v_new;
+  const T sq = loft_sqrt(u);
+  const T d = sq / s.sqrt_bc2 + s.eps;
+  const T inv_d = T(1) / d;
+
+  // Backward. Divisions go through inv_d; the select keeps the loop branch-free and
+  // never divides by zero (d sqrt(u)/du is taken as 0 at u == 0, as higher does).
+  const T Pc = P * s.step_size;
+  const T m_over_d = m_new * inv_d;
+  const T Q = Pc * m_over_d * inv_d;
+  const T Mt = M - Pc * inv_d;
+  const bool positive = u > T(0);
+  const T half_inv_sq = T(0.5) / (positive ? sq : T(1));
+  const T ds = positive ? half_inv_sq : T(0);
+  T U = Q * s.inv_sqrt_bc2 * ds;
+  AdamElementGrads<T> r;
+  T Vt;
+  if (kAmsgrad) {
+    U = U + X;
+    const T share_v = v_new > vmax ? T(1) : (v_new == vmax ? T(0.5) : T(0));
+    Vt = V + U * share_v;
+    r.max_exp_avg_sq = U * (T(1) - share_v);
+  } else {
+    Vt = V + U;
+    r.max_exp_avg_sq = X;
+  }
+  const T G2 = Mt * s.one_minus_beta1 + Vt * s.one_minus_beta2 * T(2) * g2;
+  r.params = kDecoupled ? P * s.decay : P + s.weight_decay * G2;
+  r.grads = s.sign * G2;
+  r.exp_avg = Mt * s.beta1;
+  r.exp_avg_sq = Vt * s.beta2;
+  const T lr_adam = -(P * m_over_d) * s.inv_bc1;
+  r.lr = kDecoupled ? lr_adam - P * s.weight_decay * p : lr_adam;
+  r.weight_decay = kDecoupled ? -P * s.lr * p : G2 * p;
+  r.eps = Q;
+  r.beta1 = Mt * (m - g2) - P * m_over_d * s.beta1_coef;
+  r.beta2 = Vt * (v - g2 * g2) + Q * sq * s.beta2_coef;
+  return r;
+}
+
+}  // namespace loft

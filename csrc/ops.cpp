@@ -1,0 +1,26 @@
+// Schemas of loft's fused optimiser ops. Implementations register per backend
+// (csrc/cpu/, csrc/cuda/); the contract of every argument is in docs/ops.md.
+#include <torch/library.h>
+
+TORCH_LIBRARY(loft, m) {
+  m.def(
+      "sgd_step(Tensor params, Tensor grads, Tensor momentum_buffer, Tensor segments, "
+      "Tensor lr, Tensor momentum, Tensor dampening, Tensor weight_decay, Tensor group_flags) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "sgd_step_backward(Tensor grad_params_out, Tensor grad_momentum_buffer_out, "
+      "Tensor params, Tensor grads, Tensor momentum_buffer, Tensor segments, "
+      "Tensor lr, Tensor momentum, Tensor dampening, Tensor weight_decay, Tensor group_flags, "
+      "int hyper_grad_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "adam_step(Tensor params, Tensor grads, Tensor exp_avg, Tensor exp_avg_sq, "
+      "Tensor max_exp_avg_sq, Tensor segments, Tensor lr, Tensor beta1, Tensor beta2, "
+      "Tensor eps, Tensor weight_decay, Tensor group_flags) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "adam_step_backward(Tensor grad_params_out, Tensor grad_exp_avg_out, "
+      "Tensor grad_exp_avg_sq_out, Tensor grad_max_exp_avg_sq_out, Tensor params, Tensor grads, "
+      "Tensor exp_avg, Tensor exp_avg_sq, Tensor max_exp_avg_sq, Tensor segments, Tensor lr, "
+      "Tensor beta1, Tensor beta2, Tensor eps, Tensor weight_decay, Tensor group_flags, "
+      "int hyper_grad_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
+      "Tensor, Tensor)");
+}

@@ -1,0 +1,50 @@
+// Torch-free pieces shared by the math headers and every backend: the host/device
+// macro, the layout of a segment-table row, the group_flags bits, and small scalar
+// helpers. See docs/ops.md for the contract these constants encode.
+#pragma once
+
+#include <math.h>
+
+#include <cstdint>
+
+#ifndef LOFT_HOST_DEVICE
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define LOFT_HOST_DEVICE __host__ __device__
+#else
+#define LOFT_HOST_DEVICE
+#endif
+#endif
+
+namespace loft {
+
+// Columns of one row of the [S, 5] int64 segment table.
+constexpr int kSegmentColumns = 5;
+constexpr int kSegmentOffset = 0;
+constexpr int kSegmentNumel = 1;
+constexpr int kSegmentGroup = 2;
+constexpr int kSegmentStep = 3;  // updates the tensor had *before* this call
+constexpr int kSegmentActive = 4;
+
+// group_flags bits of sgd_step.
+constexpr int64_t kSgdMaximize = 1;
+constexpr int64_t kSgdNesterov = 2;
+constexpr int64_t kSgdMomentum = 4;
+constexpr int64_t kSgdAllFlags = kSgdMaximize | kSgdNesterov | kSgdMomentum;
+
+// group_flags bits of adam_step.
+constexpr int64_t kAdamMaximize = 1;
+constexpr int64_t kAdamAmsgrad = 2;
+constexpr int64_t kAdamDecoupled = 4;
+constexpr int64_t kAdamAllFlags = kAdamMaximize | kAdamAmsgrad | kAdamDecoupled;
+
+// Square roots without overload ambiguity on host and device.
+LOFT_HOST_DEVICE inline float loft_sqrt(float x) { return ::sqrtf(x); }
+LOFT_HOST_DEVICE inline double loft_sqrt(double x) { return ::sqrt(x); }
+
+// beta^t for an integer step count t >= 0, in double (per-segment scalars are always
+// computed in float64, docs/ops.md). pow(0, 0) is 1, as torch's 0 ** 0.
+LOFT_HOST_DEVICE inline double loft_pow(double base, int64_t exponent) {
+  return ::pow(base, static_cast<double>(exponent));
+}
+
+}  // namespace loft

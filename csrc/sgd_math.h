@@ -1,0 +1,111 @@
+// Per-element math of sgd_step and sgd_step_backward (docs/ops.md, "SGD"), shared by
+// the CPU loops (csrc/cpu/sgd_cpu.cpp) and the CUDA kernels. Torch-free on purpose:
+// CUDA translation units include it without any torch header.
+//
+// T is the compute type (float or double; half buffers compute in float). The group
+// flags that change the shape of the computation (momentum, first step, nesterov) are
+// template parameters so that a backend hoists them out of its inner loop; maximize
+// is the exact sign factor SgdScalars::sign (+1 or -1).
+#pragma once
+
+#include "segments.h"
+
+namespace loft {
+
+/// The per-segment scalars of one SGD step, in a compute type T. Build them in double
+/// with sgd_segment_scalars() and cast once per segment.
+template <typename T>
+struct SgdScalars {
+  T sign;                 // -1 when the group maximizes, else +1
+  T lr;                   // lr
+  T momentum;             // momentum
+  T one_minus_dampening;  // 1 - dampening
+  T weight_decay;         // weight_decay (L2, added to the gradient)
+
+  template <typename U>
+  LOFT_HOST_DEVICE SgdScalars<U> cast() const {
+    return {static_cast<U>(sign), static_cast<U>(lr), static_cast<U>(momentum),
+            static_cast<U>(one_minus_dampening), static_cast<U>(weight_decay)};
+  }
+};
+
+/// Per-segment SGD scalars in float64 from the group's hyperparameters and flags.
+LOFT_HOST_DEVICE inline SgdScalars<double> sgd_segment_scalars(double lr, double momentum,
+                                                               double dampening,
+                                                               double weight_decay, int64_t flags) {
+  return {(flags & kSgdMaximize) ? -1.0 : 1.0, lr, momentum, 1.0 - dampening, weight_decay};
+}
+
+/// One SGD element, forward:
+///
+///     g2 = (maximize ? -g : g) + weight_decay * p
+///     momentum:  b' = first ? g2 : momentum * b + (1 - dampening) * g2
+///                d  = nesterov ? g2 + momentum * b' : b'
+///     else:      b' = b,  d = g2
+///     p' = p - lr * d
+template <bool kMomentum, bool kFirst, bool kNesterov, typename T>
+LOFT_HOST_DEVICE inline void sgd_forward(T p, T g, T b, const SgdScalars<T>& s, T& p_out,
+                                         T& b_out) {
+  const T g2 = s.sign * g + s.weight_decay * p;
+  T d = g2;
+  b_out = b;
+  if (kMomentum) {
+    b_out = kFirst ? g2 : s.momentum * b + s.one_minus_dampening * g2;
+    d = kNesterov ? g2 + s.momentum * b_out : b_out;
+  }
+  p_out = p - s.lr * d;
+}
+
+/// Gradients of one SGD element: of its inputs (params, grads, momentum_buffer) and its
+/// contributions to the hyperparameter gradients (lr, momentum, dampening, weight_decay).
+template <typename T>
+struct SgdElementGrads {
+  T params, grads, momentum_buffer;
+  T lr, momentum, dampening, weight_decay;
+};
+
+/// One SGD element, backward (vector-Jacobian product), with P, B the upstream
+/// gradients of p', b':
+///
+///     D  = -lr * P
+///     momentum:  B' = B + (nesterov ? momentum * D : D)
+///                G2 = (nesterov ? D : 0) + (first ? B' : (1 - dampening) * B')
+///                grad_b = first ? 0 : momentum * B'
+///     else:      G2 = D,  grad_b = B
+///     grad_p = P + weight_decay * G2,  grad_g = maximize ? -G2 : G2
+///     lr += -P * d,  weight_decay += G2 * p
+///     momentum += momentum ? (first ? 0 : B' * b) + (nesterov ? D * b' : 0) : 0
+///     dampening += momentum and not first ? -B' * g2 : 0
+template <bool kMomentum, bool kFirst, bool kNesterov, typename T>
+LOFT_HOST_DEVICE inline SgdElementGrads<T> sgd_backward(T P, T B, T p, T g, T b,
+                                                        const SgdScalars<T>& s) {
+  const T g2 = s.sign * g + s.weight_decay * p;
+  T d = g2;
+  T b_new = b;
+  if (kMomentum) {
+    b_new = kFirst ? g2 : s.momentum * b + s.one_minus_dampening * g2;
+    d = kNesterov ? g2 + s.momentum * b_new : b_new;
+  }
+  const T D = -s.lr * P;
+  SgdElementGrads<T> r;
+  T G2 = D;
+  r.momentum_buffer = B;
+  r.momentum = T(0);
+  r.dampening = T(0);
+  if (kMomentum) {
+    const T Bt = B + (kNesterov ? s.momentum * D : D);
+    const T from_b = kFirst ? Bt : s.one_minus_dampening * Bt;
+    G2 = kNesterov ? D + from_b : from_b;
+    r.momentum_buffer = kFirst ? T(0) : s.momentum * Bt;
+    const T from_mom = kFirst ? T(0) : Bt * b;
+    r.momentum = kNesterov ? from_mom + D * b_new : from_mom;
+    r.dampening = kFirst ? T(0) : -Bt * g2;
+  }
+  r.params = P + s.weight_decay * G2;
+  r.grads = s.sign * G2;
+  r.lr = P * -d;
+  r.weight_decay = G2 * p;
+  return r;
+}
+
+}  // namespace loft
