@@ -1,0 +1,68 @@
+"""loft: fast, exact, differentiable inner loops for PyTorch.
+
+A drop-in replacement for ``higher`` (``import loft as higher``) whose SGD, Adam and
+AdamW steps run as one fused, twice-differentiable op per bucket of parameters.
+
+.. code-block:: python
+
+    with loft.innerloop_ctx(model, opt) as (fmodel, diffopt):
+        for x, y in support:
+            diffopt.step(loss_fn(fmodel(x), y))
+        loss_fn(fmodel(xq), yq).backward()   # meta-gradients through every step
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from loft import optim, patch, utils
+from loft._ext import backend, backend_reason
+from loft.optim import (
+    DifferentiableOptimizer,
+    create_diff_optim,
+    get_diff_optim,
+    register_optim,
+)
+from loft.patch import monkeypatch
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "innerloop_ctx",
+    "monkeypatch",
+    "get_diff_optim",
+    "create_diff_optim",
+    "register_optim",
+    "DifferentiableOptimizer",
+    "backend",
+    "backend_reason",
+    "optim",
+    "patch",
+    "utils",
+]
+
+
+@contextlib.contextmanager
+def innerloop_ctx(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    device: torch.device | str | None = None,
+    copy_initial_weights: bool = True,
+    override: dict[str, Any] | None = None,
+    track_higher_grads: bool = True,
+) -> Iterator[tuple[patch.FunctionalModule, DifferentiableOptimizer]]:
+    """A patched model and its differentiable optimiser (higher's ``innerloop_ctx``).
+
+    Yields ``(fmodel, diffopt)``: ``fmodel = monkeypatch(model, ...)`` and
+    ``diffopt = get_diff_optim(opt, model.parameters(), fmodel=fmodel, ...)``. Each
+    ``diffopt.step(loss)`` appends the new fast weights to ``fmodel``'s history.
+    """
+    fmodel = monkeypatch(model, device, copy_initial_weights=copy_initial_weights,
+                         track_higher_grads=track_higher_grads)
+    diffopt = get_diff_optim(opt, model.parameters(), fmodel=fmodel, device=device,
+                             override=override, track_higher_grads=track_higher_grads)
+    yield fmodel, diffopt

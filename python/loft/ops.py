@@ -1,0 +1,256 @@
+"""Typed, differentiable wrappers of ``torch.ops.loft.*``.
+
+Every op has three Python pieces:
+
+- a **typed wrapper** (:func:`sgd_step`, :func:`adam_step`) whose docstring gives the
+  math; it is a :class:`torch.autograd.Function` (works with ``torch.func`` too) that
+  runs the fused kernel when one is built for the tensors' device and
+  :mod:`loft.reference` otherwise;
+- a **fake kernel** (``torch.library.register_fake``) for torch.compile and meta tensors;
+- an **autograd registration** (``torch.library.register_autograd``) on the raw ops, so
+  ``torch.ops.loft.*`` are differentiable when called directly.
+
+The backward runs the fused ``*_backward`` kernel. When it runs under grad mode itself
+(``create_graph=True``), it computes the same derivative with the differentiable
+reference formulas instead, so the op is twice differentiable.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from loft import _ext, reference
+
+__all__ = ["sgd_step", "adam_step", "SGD_HYPER", "ADAM_HYPER"]
+
+#: Hyperparameter names, in schema order (bit k of hyper_grad_mask is the k-th).
+SGD_HYPER = ("lr", "momentum", "dampening", "weight_decay")
+ADAM_HYPER = ("lr", "beta1", "beta2", "eps", "weight_decay")
+
+
+class _Spec:
+    """What distinguishes one optimiser op from another in the shared autograd code."""
+
+    def __init__(self, name: str, num_buffers: int, hyper: Sequence[str]):
+        self.name = name
+        self.num_buffers = num_buffers  # params, grads, state...
+        self.hyper = tuple(hyper)
+        self.segments_index = num_buffers
+        self.hyper_start = num_buffers + 1
+        self.num_inputs = num_buffers + 1 + len(self.hyper) + 1  # + segments, group_flags
+        self.num_outputs = num_buffers - 1  # every buffer but grads
+
+    def forward_fn(self, device: torch.device) -> Callable[..., Any]:
+        if _ext.has_device_kernels(device):
+            return getattr(torch.ops.loft, self.name)
+        return getattr(reference, self.name)
+
+    def backward_fn(self, device: torch.device, differentiable: bool) -> Callable[..., Any]:
+        if not differentiable and _ext.has_device_kernels(device):
+            return getattr(torch.ops.loft, self.name + "_backward")
+        # The forward already validated these inputs.
+        return functools.partial(getattr(reference, self.name + "_backward"), check=False)
+
+
+_SGD = _Spec("sgd_step", 3, SGD_HYPER)
+_ADAM = _Spec("adam_step", 5, ADAM_HYPER)
+
+
+def _backward(spec: _Spec, ctx: Any, grad_outputs: Sequence[Tensor | None]) -> tuple:
+    saved = ctx.saved_tensors
+    params = saved[0]
+    empty = params.new_empty(0)
+    # Autograd may hand over expanded or strided gradients; the kernels read flat memory.
+    upstream = [g.contiguous() if g is not None else empty for g in grad_outputs]
+    needs = ctx.needs_input_grad
+    mask = 0
+    for k in range(len(spec.hyper)):
+        if needs[spec.hyper_start + k]:
+            mask |= 1 << k
+    fn = spec.backward_fn(params.device, differentiable=torch.is_grad_enabled())
+    result = fn(*upstream, *saved, mask)
+    buffer_grads = list(result[: spec.num_buffers])
+    hyper_grads = list(result[spec.num_buffers:])
+    out: list[Tensor | None] = []
+    for i, g in enumerate(buffer_grads):
+        out.append(g if needs[i] else None)
+    out.append(None)  # segments
+    for k, g in enumerate(hyper_grads):
+        out.append(g if needs[spec.hyper_start + k] else None)
+    out.append(None)  # group_flags
+    return tuple(out)
+
+
+def _setup_context(ctx: Any, inputs: tuple, output: Any) -> None:
+    ctx.save_for_backward(*inputs)
+    if hasattr(ctx, "set_materialize_grads"):
+        ctx.set_materialize_grads(False)
+
+
+class _SGDStep(torch.autograd.Function):
+    @staticmethod
+    def forward(*args: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        return _SGD.forward_fn(args[0].device)(*args)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Any) -> None:
+        _setup_context(ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx: Any, *grad_outputs: Tensor | None) -> tuple:  # type: ignore[override]
+        return _backward(_SGD, ctx, grad_outputs)
+
+
+class _AdamStep(torch.autograd.Function):
+    @staticmethod
+    def forward(*args: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # type: ignore[override]
+        return _ADAM.forward_fn(args[0].device)(*args)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Any) -> None:
+        _setup_context(ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx: Any, *grad_outputs: Tensor | None) -> tuple:  # type: ignore[override]
+        return _backward(_ADAM, ctx, grad_outputs)
+
+
+def sgd_step(
+    params: Tensor,
+    grads: Tensor,
+    momentum_buffer: Tensor,
+    segments: Tensor,
+    lr: Tensor,
+    momentum: Tensor,
+    dampening: Tensor,
+    weight_decay: Tensor,
+    group_flags: Tensor,
+) -> tuple[Tensor, Tensor]:
+    r"""Differentiable fused SGD step over one flat bucket (``torch.ops.loft.sgd_step``).
+
+    For every active segment (``first``: its step count is 0):
+
+    .. math::
+        g_2 = \pm g + \lambda p,\quad
+        b' = g_2 \text{ (first) or } \mu b + (1-\tau) g_2,\quad
+        p' = p - \eta\,(g_2 + \mu b' \text{ | } b' \text{ | } g_2)
+
+    (nesterov | momentum | plain). Arguments and flags: ``docs/ops.md``.
+    Returns ``(params_out, momentum_buffer_out)``; differentiable (twice) with respect
+    to the buffers and the ``[G]`` hyperparameter tensors.
+    """
+    return _SGDStep.apply(params, grads, momentum_buffer, segments, lr, momentum, dampening,
+                          weight_decay, group_flags)
+
+
+def adam_step(
+    params: Tensor,
+    grads: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    max_exp_avg_sq: Tensor,
+    segments: Tensor,
+    lr: Tensor,
+    beta1: Tensor,
+    beta2: Tensor,
+    eps: Tensor,
+    weight_decay: Tensor,
+    group_flags: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    r"""Differentiable fused Adam/AdamW step over one flat bucket (``torch.ops.loft.adam_step``).
+
+    For every active segment, :math:`t` = its step count + 1:
+
+    .. math::
+        m' = \beta_1 m + (1-\beta_1) g_2,\quad v' = \beta_2 v + (1-\beta_2) g_2^2,\quad
+        p' = p_0 - \frac{\eta}{1-\beta_1^t}\frac{m'}{\sqrt{u}/\sqrt{1-\beta_2^t} + \epsilon}
+
+    with :math:`u = \max(v_{max}, v')` under amsgrad, and either L2 decay
+    (:math:`g_2 = \pm g + \lambda p`) or AdamW's decoupled decay
+    (:math:`p_0 = (1 - \eta\lambda) p`). Arguments and flags: ``docs/ops.md``.
+    Returns ``(params_out, exp_avg_out, exp_avg_sq_out, max_exp_avg_sq_out)``.
+    """
+    return _AdamStep.apply(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, segments, lr,
+                           beta1, beta2, eps, weight_decay, group_flags)
+
+
+# --------------------------------------------------------------------------------------
+# Registrations on the raw torch.ops.loft ops (done once, after the library loads).
+# --------------------------------------------------------------------------------------
+
+_REGISTERED = False
+
+
+def _fake_forward(spec: _Spec) -> Callable[..., Any]:
+    def fake(*args: Tensor) -> tuple[Tensor, ...]:
+        buffers = [args[0]] + list(args[2: spec.num_buffers])
+        return tuple(b.new_empty(b.numel()) for b in buffers)
+
+    return fake
+
+
+def _fake_backward(spec: _Spec) -> Callable[..., Any]:
+    def fake(*args: Any) -> tuple[Tensor, ...]:
+        inputs = args[spec.num_outputs:-1]
+        buffers = inputs[: spec.num_buffers]
+        hyper = inputs[spec.hyper_start: spec.hyper_start + len(spec.hyper)]
+        return tuple(b.new_empty(b.numel()) for b in buffers) + tuple(
+            h.new_empty(h.numel()) for h in hyper
+        )
+
+    return fake
+
+
+def _backward_of_backward(spec: _Spec) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """Autograd for ``*_backward`` ops: the VJP of the differentiable reference formulas."""
+    differentiable = list(range(spec.num_outputs)) + list(range(spec.num_outputs, spec.num_outputs + spec.num_buffers)) + [
+        spec.num_outputs + spec.hyper_start + k for k in range(len(spec.hyper))
+    ]
+
+    def setup(ctx: Any, inputs: tuple, output: Any) -> None:
+        ctx.save_for_backward(*[x for x in inputs if isinstance(x, Tensor)])
+        ctx.mask = inputs[-1]
+
+    def backward(ctx: Any, *grads: Tensor | None) -> tuple:
+        saved = list(ctx.saved_tensors)
+        with torch.enable_grad():
+            leaves = [x.detach().requires_grad_(i in differentiable and x.is_floating_point())
+                      for i, x in enumerate(saved)]
+            outs = getattr(reference, spec.name + "_backward")(*leaves, ctx.mask, check=False)
+            pairs = [(o, g) for o, g in zip(outs, grads)
+                     if g is not None and o.requires_grad and o.numel() > 0]
+            wrt = [x for x in leaves if x.requires_grad]
+            got = torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs],
+                                      allow_unused=True) if pairs else [None] * len(wrt)
+        it = iter(got)
+        result = []
+        for x in leaves:
+            g = next(it) if x.requires_grad else None
+            result.append(torch.zeros_like(x) if (g is None and x.requires_grad) else g)
+        return tuple(result) + (None,)
+
+    return setup, backward
+
+
+def _register_python_parts() -> None:
+    """Fake kernels and autograd for ``torch.ops.loft.*`` (called once the ops exist)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    for spec in (_SGD, _ADAM):
+        torch.library.register_fake(f"loft::{spec.name}", _fake_forward(spec))
+        torch.library.register_fake(f"loft::{spec.name}_backward", _fake_backward(spec))
+        torch.library.register_autograd(
+            f"loft::{spec.name}",
+            lambda ctx, *g, _spec=spec: _backward(_spec, ctx, g),
+            setup_context=_setup_context,
+        )
+        setup, backward = _backward_of_backward(spec)
+        torch.library.register_autograd(f"loft::{spec.name}_backward", backward,
+                                        setup_context=setup)
+    _REGISTERED = True

@@ -1,0 +1,465 @@
+"""Differentiable optimisers (higher's ``higher.optim`` API) on fused flat buffers.
+
+``diffopt.step(loss)`` replaces ``opt.zero_grad(); loss.backward(); opt.step()``: it
+takes the gradients of ``loss`` with respect to the fast weights (with
+``create_graph=True`` while tracking higher-order gradients) and returns new fast
+weights that stay differentiable with respect to the old ones, the gradients, and any
+tensor hyperparameter given through ``override``.
+
+SGD, Adam and AdamW make **one fused op call per bucket per step**
+(:func:`loft.ops.sgd_step`, :func:`loft.ops.adam_step`); a bucket is the set of
+parameters sharing a (device, dtype), flattened into one buffer per quantity.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from loft import ops, reference
+from loft.flat import Bucket, hyper_tensor, make_buckets
+
+__all__ = [
+    "DifferentiableOptimizer",
+    "DifferentiableSGD",
+    "DifferentiableAdam",
+    "DifferentiableAdamW",
+    "get_diff_optim",
+    "create_diff_optim",
+    "register_optim",
+]
+
+_GradCallback = Callable[[list[Tensor | None]], Sequence[Tensor | None]]
+_Override = dict[str, Sequence[Any]]
+
+
+def _find_index(param: Tensor, params: Sequence[Tensor]) -> int | None:
+    for i, candidate in enumerate(params):
+        if candidate is param:
+            return i
+    return None
+
+
+def _as_int_step(value: Any) -> int:
+    if isinstance(value, Tensor):
+        return int(value.item())
+    return int(value)
+
+
+class DifferentiableOptimizer(abc.ABC):
+    """Base class of loft's differentiable optimisers (higher's name and signature).
+
+    Args:
+        other: the ``torch.optim.Optimizer`` whose param groups, hyperparameters and
+            state (momentum buffers, moments, step counts) are copied.
+        reference_params: the parameters ``other`` was built on, in the order of the
+            fast weights (typically ``model.parameters()``).
+        fmodel: the patched module whose fast weights ``step`` updates.
+        device: where the copied state goes (default: where it is).
+        override: ``{name: [value]}`` or ``{name: [value per group]}``; values may be
+            tensors that require grad (``betas`` takes a tuple of two).
+        grad_callback: applied to the list of gradients before every update.
+        track_higher_grads: ``False`` takes gradients without ``create_graph`` and
+            detaches the new weights ("test mode").
+    """
+
+    def __init__(
+        self,
+        other: torch.optim.Optimizer,
+        reference_params: Iterable[Tensor],
+        fmodel: Any = None,
+        device: torch.device | str | None = None,
+        override: _Override | None = None,
+        grad_callback: _GradCallback | None = None,
+        track_higher_grads: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        reference_params = list(reference_params)
+        self._fmodel = fmodel
+        self._device = torch.device(device) if device is not None else None
+        self._grad_callback = grad_callback
+        self._track_higher_grads = bool(track_higher_grads)
+        self._num_params = len(reference_params)
+        self.param_groups: list[dict[str, Any]] = []
+        self._group_to_param_list: list[list[int]] = []
+        self._group_of: list[int | None] = [None] * len(reference_params)
+        for g, group in enumerate(other.param_groups):
+            mapping = []
+            for p in group["params"]:
+                index = _find_index(p, reference_params)
+                if index is None:
+                    raise ValueError(
+                        "Could not find a parameter of the optimizer in reference_params: "
+                        "build the optimizer on the same parameters (e.g. model.parameters())."
+                    )
+                mapping.append(index)
+                self._group_of[index] = g
+            copied = {k: v for k, v in group.items() if k != "params"}
+            copied["params"] = [reference_params[i] for i in mapping]
+            self.param_groups.append(copied)
+            self._group_to_param_list.append(mapping)
+        self._init_state = self._copy_state(other, reference_params)
+        if override is not None:
+            self._apply_override(override)
+
+    # ---- higher's API ------------------------------------------------------------------
+
+    def _apply_override(self, override: _Override) -> None:
+        for name, values in override.items():
+            values = list(values) if isinstance(values, (list, tuple)) else [values]
+            if len(values) not in (1, len(self.param_groups)):
+                raise ValueError(
+                    f"override[{name!r}] must hold 1 value or one per param group "
+                    f"({len(self.param_groups)}), got {len(values)}"
+                )
+            for i, group in enumerate(self.param_groups):
+                group[name] = values[0] if len(values) == 1 else values[i]
+
+    def step(
+        self,
+        loss: Tensor,
+        params: Iterable[Tensor] | None = None,
+        override: _Override | None = None,
+        grad_callback: _GradCallback | None = None,
+        **kwargs: Any,
+    ) -> list[Tensor]:
+        """One differentiable update; returns (and gives ``fmodel``) the new fast weights.
+
+        higher's ``DifferentiableOptimizer.step``: gradients of ``loss`` with respect to
+        the fast weights (``create_graph`` while tracking), ``grad_callback`` (this call's,
+        else the constructor's), then the update. Parameters that get no gradient
+        (unused, or ``requires_grad=False``) are left exactly as they are.
+        """
+        if override is not None:
+            self._apply_override(override)
+        if self._fmodel is None or self._fmodel.fast_params is None:
+            if params is None:
+                raise ValueError(
+                    "params kwarg must be passed to step if the differentiable optimizer "
+                    "doesn't have a view on a patched model with params."
+                )
+        else:
+            params = self._fmodel.fast_params if params is None else params
+        params = list(params)
+        if len(params) != self._num_params:
+            raise ValueError(
+                f"step: expected {self._num_params} parameters (the optimizer's reference "
+                f"parameters), got {len(params)}"
+            )
+        targets = [p if p.requires_grad else torch.tensor([], requires_grad=True) for p in params]
+        all_grads: Sequence[Tensor | None] = torch.autograd.grad(
+            loss, targets, create_graph=self._track_higher_grads, allow_unused=True
+        )
+        callback = grad_callback if grad_callback is not None else self._grad_callback
+        if callback is not None:
+            all_grads = callback(list(all_grads))
+        all_grads = [g if (g is not None and p.requires_grad) else None
+                     for g, p in zip(all_grads, params)]
+        new_params = self._flat_update(params, list(all_grads))
+        if self._fmodel is not None:
+            self._fmodel.update_params(new_params)
+        return new_params
+
+    # ---- the flat machinery, specialised by subclasses -----------------------------------
+
+    _state_names: tuple[str, ...] = ()
+
+    @abc.abstractmethod
+    def _flat_update(self, params: list[Tensor], grads: list[Tensor | None]) -> list[Tensor]:
+        """Return the new parameters given the current ones and their gradients."""
+
+    def _copy_state(self, other: torch.optim.Optimizer,
+                    reference_params: list[Tensor]) -> list[dict[str, Any]]:
+        states = []
+        for p in reference_params:
+            st = other.state.get(p, {})
+            copied = {}
+            for k, v in st.items():
+                if isinstance(v, Tensor):
+                    v = v.detach().clone()
+                    if self._device is not None:
+                        v = v.to(self._device)
+                copied[k] = v
+            states.append(copied)
+        return states
+
+
+class _FusedOptimizer(DifferentiableOptimizer):
+    """Flat-buffer optimiser: one fused op call per bucket per step."""
+
+    _hyper_names: tuple[str, ...] = ()
+    _optional_state: str = ""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._steps = [self._initial_step(st) for st in self._init_state]
+        self._buckets: list[Bucket] | None = None
+        self._flat_params: list[Tensor] = []
+        self._flat_state: list[dict[str, Tensor]] = []
+        self._last_params: list[Tensor] | None = None
+
+    # subclass hooks
+    def _initial_step(self, state: dict[str, Any]) -> int:
+        return _as_int_step(state.get("step", 0))
+
+    def _group_hyper(self, group: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _group_flags(self, group: dict[str, Any]) -> int:
+        raise NotImplementedError
+
+    def _call_op(self, params: Tensor, grads: Tensor, state: dict[str, Tensor], segments: Tensor,
+                 hyper: dict[str, Tensor], flags: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        raise NotImplementedError
+
+    def _needs_optional(self, flags: list[int]) -> bool:
+        return False
+
+    # machinery
+    def _setup(self, params: list[Tensor]) -> None:
+        self._buckets = make_buckets(params, self._group_of)
+        self._flat_params = [b.flatten([params[i] for i in b.indices]) for b in self._buckets]
+        self._last_params = list(params)
+        self._flat_state = []
+        for b in self._buckets:
+            state = {}
+            for name in self._state_names:
+                parts = [self._init_state[i].get(name) for i in b.indices]
+                state[name] = b.flatten(parts)
+            self._flat_state.append(state)
+
+    def _flat_update(self, params: list[Tensor], grads: list[Tensor | None]) -> list[Tensor]:
+        if self._buckets is None:
+            self._setup(params)
+        assert self._buckets is not None and self._last_params is not None
+        for b in self._buckets:
+            for i in b.indices:
+                if params[i].shape != b.shapes[b.indices.index(i)]:
+                    raise ValueError(
+                        f"step: parameter {i} has shape {list(params[i].shape)}, expected "
+                        f"{list(b.shapes[b.indices.index(i)])}"
+                    )
+        flags = [self._group_flags(g) for g in self.param_groups]
+        new_params = list(params)
+        grad_mode = torch.enable_grad() if self._track_higher_grads else torch.no_grad()
+        with grad_mode:
+            for k, b in enumerate(self._buckets):
+                # Reuse last step's flat buffer when the fast weights are still its views.
+                if not all(params[i] is self._last_params[i] for i in b.indices):
+                    self._flat_params[k] = b.flatten([params[i] for i in b.indices])
+                active = [grads[i] is not None for i in b.indices]
+                if not any(active):
+                    continue
+                hdt = reference.compute_dtype(b.dtype)
+                hyper = {
+                    name: hyper_tensor([self._group_hyper(g)[name] for g in self.param_groups],
+                                       hdt, b.device)
+                    for name in self._hyper_names
+                }
+                flag_tensor = torch.tensor(flags, dtype=torch.int64, device=b.device)
+                g_flat = b.flatten([grads[i] for i in b.indices])
+                state = self._flat_state[k]
+                if self._optional_state and state[self._optional_state].numel() == 0 and \
+                        self._needs_optional(flags) and b.numel > 0:
+                    state[self._optional_state] = torch.zeros(b.numel, dtype=b.dtype,
+                                                              device=b.device)
+                steps = [self._steps[i] for i in b.indices]
+                segments = b.segments(steps, active)
+                p_new, state_new = self._call_op(self._flat_params[k], g_flat, state, segments,
+                                                 hyper, flag_tensor)
+                if not self._track_higher_grads:
+                    p_new = p_new.detach()
+                    state_new = {n: t.detach() for n, t in state_new.items()}
+                self._flat_params[k] = p_new
+                self._flat_state[k] = state_new
+                views = b.views(p_new)
+                for j, i in enumerate(b.indices):
+                    if active[j]:
+                        self._steps[i] += 1
+                        view = views[j]
+                        if not self._track_higher_grads:
+                            view = view.detach().requires_grad_()
+                        new_params[i] = view
+        self._last_params = list(new_params)
+        return new_params
+
+
+class DifferentiableSGD(_FusedOptimizer):
+    r"""Differentiable ``torch.optim.SGD`` (higher's ``DifferentiableSGD``).
+
+    Per parameter: :math:`g_2 = \pm g + \lambda p`; with momentum
+    :math:`b' = g_2` on the first step, else :math:`\mu b + (1 - \tau) g_2`;
+    :math:`p' = p - \eta d` with :math:`d = g_2 + \mu b'` (nesterov), :math:`b'`
+    (momentum) or :math:`g_2`. Runs :func:`loft.ops.sgd_step`, one call per bucket.
+    """
+
+    _state_names = ("momentum_buffer",)
+    _hyper_names = ops.SGD_HYPER
+    _optional_state = "momentum_buffer"
+
+    def _initial_step(self, state: dict[str, Any]) -> int:
+        # torch.optim.SGD keeps no step count: a momentum buffer means "not the first step".
+        return 1 if state.get("momentum_buffer") is not None else 0
+
+    def _group_hyper(self, group: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "lr": group["lr"],
+            "momentum": group.get("momentum", 0.0),
+            "dampening": group.get("dampening", 0.0),
+            "weight_decay": group.get("weight_decay", 0.0),
+        }
+
+    def _group_flags(self, group: dict[str, Any]) -> int:
+        flags = 0
+        if group.get("maximize", False):
+            flags |= reference.SGD_MAXIMIZE
+        if group.get("nesterov", False):
+            flags |= reference.SGD_NESTEROV
+        if bool(group.get("momentum", 0.0) != 0):
+            flags |= reference.SGD_MOMENTUM
+        return flags
+
+    def _needs_optional(self, flags: list[int]) -> bool:
+        return any(f & reference.SGD_MOMENTUM for f in flags)
+
+    def _setup(self, params: list[Tensor]) -> None:
+        super()._setup(params)
+        flags = [self._group_flags(g) for g in self.param_groups]
+        if not self._needs_optional(flags):
+            for st in self._flat_state:
+                st["momentum_buffer"] = st["momentum_buffer"].new_empty(0)
+
+    def _call_op(self, params, grads, state, segments, hyper, flags):
+        p_new, buf = ops.sgd_step(params, grads, state["momentum_buffer"], segments,
+                                  hyper["lr"], hyper["momentum"], hyper["dampening"],
+                                  hyper["weight_decay"], flags)
+        return p_new, {"momentum_buffer": buf}
+
+
+class DifferentiableAdam(_FusedOptimizer):
+    r"""Differentiable ``torch.optim.Adam`` (higher's ``DifferentiableAdam``, HEAD numbers).
+
+    .. math::
+        m' = \beta_1 m + (1-\beta_1) g_2,\quad v' = \beta_2 v + (1-\beta_2) g_2^2,\quad
+        p' = p_0 - \frac{\eta}{1-\beta_1^t}\frac{m'}{\sqrt{u}/\sqrt{1-\beta_2^t}+\epsilon}
+
+    with per-tensor step counts :math:`t`, :math:`u = \max(v_{max}, v')` under amsgrad,
+    :math:`g_2 = \pm g + \lambda p`, :math:`p_0 = p`. Runs :func:`loft.ops.adam_step`.
+    """
+
+    _state_names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    _hyper_names = ops.ADAM_HYPER
+    _optional_state = "max_exp_avg_sq"
+    _decoupled = False
+
+    def _group_hyper(self, group: dict[str, Any]) -> dict[str, Any]:
+        betas = group["betas"]
+        return {
+            "lr": group["lr"],
+            "beta1": betas[0],
+            "beta2": betas[1],
+            "eps": group["eps"],
+            "weight_decay": group.get("weight_decay", 0.0),
+        }
+
+    def _group_flags(self, group: dict[str, Any]) -> int:
+        flags = reference.ADAM_DECOUPLED if (self._decoupled or group.get(
+            "decoupled_weight_decay", False)) else 0
+        if group.get("maximize", False):
+            flags |= reference.ADAM_MAXIMIZE
+        if group.get("amsgrad", False):
+            flags |= reference.ADAM_AMSGRAD
+        return flags
+
+    def _needs_optional(self, flags: list[int]) -> bool:
+        return any(f & reference.ADAM_AMSGRAD for f in flags)
+
+    def _setup(self, params: list[Tensor]) -> None:
+        super()._setup(params)
+        flags = [self._group_flags(g) for g in self.param_groups]
+        if not self._needs_optional(flags):
+            for st in self._flat_state:
+                st["max_exp_avg_sq"] = st["max_exp_avg_sq"].new_empty(0)
+
+    def _call_op(self, params, grads, state, segments, hyper, flags):
+        p_new, m, v, vmax = ops.adam_step(
+            params, grads, state["exp_avg"], state["exp_avg_sq"], state["max_exp_avg_sq"],
+            segments, hyper["lr"], hyper["beta1"], hyper["beta2"], hyper["eps"],
+            hyper["weight_decay"], flags)
+        return p_new, {"exp_avg": m, "exp_avg_sq": v, "max_exp_avg_sq": vmax}
+
+
+class DifferentiableAdamW(DifferentiableAdam):
+    r"""Differentiable ``torch.optim.AdamW``: Adam with decoupled weight decay,
+    :math:`g_2 = \pm g`, :math:`p_0 = (1 - \eta\lambda) p`."""
+
+    _decoupled = True
+
+
+_OPT_MAPPING: dict[type, type[DifferentiableOptimizer]] = {
+    torch.optim.SGD: DifferentiableSGD,
+    torch.optim.Adam: DifferentiableAdam,
+    torch.optim.AdamW: DifferentiableAdamW,
+}
+
+
+def register_optim(optim_type: type, diff_optim_type: type[DifferentiableOptimizer]) -> None:
+    """Map a ``torch.optim`` type to a differentiable optimiser (higher's ``register_optim``)."""
+    _OPT_MAPPING[optim_type] = diff_optim_type
+
+
+def get_diff_optim(
+    opt: torch.optim.Optimizer,
+    reference_params: Iterable[Tensor],
+    fmodel: Any = None,
+    device: torch.device | str | None = None,
+    override: _Override | None = None,
+    track_higher_grads: bool = True,
+    **kwargs: Any,
+) -> DifferentiableOptimizer:
+    """The differentiable version of ``opt`` (higher's ``get_diff_optim``).
+
+    ``opt``'s type must be registered (SGD, Adam, AdamW built in; see
+    :func:`register_optim`); its param groups and state are copied.
+    """
+    opt_type = type(opt)
+    if opt_type not in _OPT_MAPPING:
+        raise ValueError(
+            f"Optimizer type {opt_type} has no differentiable version in loft; supported: "
+            f"{sorted(t.__name__ for t in _OPT_MAPPING)}. Use loft.register_optim to add one."
+        )
+    return _OPT_MAPPING[opt_type](opt, reference_params, fmodel=fmodel, device=device,
+                                  override=override, track_higher_grads=track_higher_grads,
+                                  **kwargs)
+
+
+def create_diff_optim(
+    opt_type: type,
+    opt_kwargs: dict[str, Any] | None = None,
+    params: Iterable[Tensor] | None = None,
+    fmodel: Any = None,
+    device: torch.device | str | None = None,
+    override: _Override | None = None,
+    track_higher_grads: bool = True,
+    **kwargs: Any,
+) -> DifferentiableOptimizer:
+    """Build a differentiable optimiser of ``opt_type`` directly (higher's ``create_diff_optim``).
+
+    The optimiser is constructed on placeholder tensors shaped like ``params`` (or
+    ``fmodel``'s parameters) with ``opt_kwargs``.
+    """
+    opt_kwargs = {} if opt_kwargs is None else opt_kwargs
+    if params is not None:
+        params = list(params)
+    elif fmodel is not None:
+        params = list(fmodel.parameters())
+    else:
+        raise ValueError("Must specify one of fmodel or params in kwargs.")
+    dummies = [torch.zeros_like(p, requires_grad=True) for p in params]
+    opt = opt_type(dummies, **opt_kwargs)
+    return get_diff_optim(opt, dummies, fmodel=fmodel, device=device, override=override,
+                          track_higher_grads=track_higher_grads, **kwargs)

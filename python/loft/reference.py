@@ -1,0 +1,530 @@
+"""The fused ops' math in plain PyTorch.
+
+Same names and argument names as ``torch.ops.loft.*`` (see ``docs/ops.md`` for the
+contract). This module is three things at once:
+
+- the **fallback** when the C++ ops cannot be built (``loft.backend() == "reference"``),
+- the **test oracle** the fused kernels are compared against,
+- the **benchmark baseline** "loft reference" (pure PyTorch over flat buffers).
+
+Every function here is written with differentiable PyTorch ops, so the backward
+functions double as the derivative used under ``create_graph=True`` (double backward).
+Per-element work is vectorised over the whole bucket: per-group and per-segment values
+are gathered out to the elements, and inactive segments are masked with ``torch.where``
+(after sanitising their inputs so that no NaN can leak through a masked branch).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "sgd_step",
+    "sgd_step_backward",
+    "adam_step",
+    "adam_step_backward",
+    "SGD_MAXIMIZE",
+    "SGD_NESTEROV",
+    "SGD_MOMENTUM",
+    "ADAM_MAXIMIZE",
+    "ADAM_AMSGRAD",
+    "ADAM_DECOUPLED",
+    "SEGMENT_COLUMNS",
+]
+
+# group_flags bits (docs/ops.md).
+SGD_MAXIMIZE = 1
+SGD_NESTEROV = 2
+SGD_MOMENTUM = 4
+ADAM_MAXIMIZE = 1
+ADAM_AMSGRAD = 2
+ADAM_DECOUPLED = 4
+
+#: Columns of a segment table row.
+SEGMENT_COLUMNS = ("offset", "numel", "group", "step", "active")
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the math runs in: float64 stays, everything else is float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class _Layout(NamedTuple):
+    group: Tensor  # [N] int64, group of each element
+    active: Tensor  # [N] bool
+    first: Tensor  # [N] bool, the segment had no update before (step == 0)
+    num_groups: int
+    numels: Tensor  # [S] int64
+    seg_group: Tensor  # [S] int64
+    seg_t: Tensor  # [S] float64: t = step + 1, the step count after an update
+
+    def per_segment(self, values: Tensor, dtype: torch.dtype) -> Tensor:
+        """Expand a [S] per-segment value to the elements, cast to ``dtype``."""
+        n = int(self.group.numel())
+        return torch.repeat_interleave(values.to(dtype), self.numels, output_size=n)
+
+
+def _check_inputs(op: str, buffers: dict[str, Tensor], optional: str,
+                  hyper: dict[str, Tensor], group_flags: Tensor,
+                  upstream: dict[str, Tensor] | None = None) -> None:
+    """The C++ ops' checks on buffers, hyperparameters and flags (segments: :func:`_layout`)."""
+    params = buffers["params"]
+    if params.dim() != 1:
+        raise RuntimeError(f"{op}: params must be 1-D, got shape {list(params.shape)}")
+    if params.dtype not in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
+        raise RuntimeError(f"{op}: params must be float64, float32, float16 or bfloat16, "
+                           f"got {params.dtype}")
+    n = params.numel()
+    for name, t in list(buffers.items()) + list((upstream or {}).items()):
+        allowed = (n, 0) if (name == optional or name.endswith("_out")) else (n,)
+        if t.dim() != 1 or t.numel() not in allowed:
+            raise RuntimeError(f"{op}: {name} must be 1-D with {n} elements"
+                               + (" or 0" if len(allowed) > 1 else "")
+                               + f", got shape {list(t.shape)}")
+        if t.dtype != params.dtype:
+            raise RuntimeError(f"{op}: {name} must have dtype {params.dtype}, got {t.dtype}")
+        if t.device != params.device:
+            raise RuntimeError(f"{op}: {name} must be on {params.device}, got {t.device}")
+        if not t.is_contiguous():
+            raise RuntimeError(f"{op}: {name} must be contiguous")
+    hdt = compute_dtype(params.dtype)
+    if group_flags.dim() != 1 or group_flags.dtype != torch.int64:
+        raise RuntimeError(f"{op}: group_flags must be a 1-D int64 tensor, got "
+                           f"{group_flags.dtype} of shape {list(group_flags.shape)}")
+    g = group_flags.numel()
+    for name, t in hyper.items():
+        if t.dim() != 1 or t.numel() != g:
+            raise RuntimeError(f"{op}: {name} must be 1-D with {g} elements (one per group, "
+                               f"as group_flags), got shape {list(t.shape)}")
+        if t.dtype != hdt:
+            raise RuntimeError(f"{op}: {name} must have dtype {hdt}, got {t.dtype}")
+        if t.device != params.device:
+            raise RuntimeError(f"{op}: {name} must be on {params.device}, got {t.device}")
+    if group_flags.device != params.device:
+        raise RuntimeError(f"{op}: group_flags must be on {params.device}, got "
+                           f"{group_flags.device}")
+    if g and bool((group_flags & ~7).any()):
+        raise RuntimeError(f"{op}: group_flags may only use bits 1, 2 and 4, got "
+                           f"{group_flags.tolist()}")
+
+
+def _layout(op: str, params: Tensor, segments: Tensor, group_flags: Tensor,
+            check: bool = True) -> _Layout:
+    """Check the segment table (as the C++ ops do) and expand it to the elements.
+
+    ``check=False`` skips the data-dependent checks (inputs already validated), which
+    also lets the function be traced with symbolic shapes.
+    """
+    n = params.numel()
+    if (segments.dim() != 2 or segments.size(1) != 5 or segments.dtype != torch.int64
+            or segments.device != params.device):
+        raise RuntimeError(
+            f"{op}: segments must be an int64 tensor of shape [S, 5] on {params.device}, got "
+            f"{segments.dtype} of shape {list(segments.shape)} on {segments.device}"
+        )
+    g = group_flags.numel()
+    offsets, numels, groups, steps, active = segments.unbind(1)
+    if check and segments.size(0) > 0:
+        starts = torch.cat([numels.new_zeros(1), numels.cumsum(0)[:-1]])
+        if (
+            bool((numels < 0).any())
+            or not bool((offsets == starts).all())
+            or int(numels.sum()) != n
+        ):
+            raise RuntimeError(
+                f"{op}: segments must tile the {n} elements of params in order "
+                "(offsets 0, numel_0, numel_0 + numel_1, ...)"
+            )
+        if bool((groups < 0).any()) or bool((groups >= g).any()):
+            raise RuntimeError(f"{op}: segments group column must lie in [0, {g})")
+        if bool((steps < 0).any()):
+            raise RuntimeError(f"{op}: segments step column must be >= 0")
+        if bool(((active != 0) & (active != 1)).any()):
+            raise RuntimeError(f"{op}: segments active column must be 0 or 1")
+    elif check and n != 0:
+        raise RuntimeError(f"{op}: segments must tile the {n} elements of params in order")
+    group_el = torch.repeat_interleave(groups, numels, output_size=n)
+    active_el = torch.repeat_interleave(active, numels, output_size=n).bool()
+    first_el = torch.repeat_interleave(steps == 0, numels, output_size=n)
+    return _Layout(group_el, active_el, first_el, g, numels, groups,
+                   (steps + 1).to(torch.float64))
+
+
+def _flag(group_flags: Tensor, layout: _Layout, bit: int) -> Tensor:
+    return (group_flags[layout.group] & bit) != 0
+
+
+def _zeros_or(t: Tensor, n: int, like: Tensor) -> Tensor:
+    """An upstream gradient: 0 elements mean zero."""
+    return t.to(like.dtype) if t.numel() == n and n > 0 else torch.zeros_like(like)
+
+
+def _group_sum(values: Tensor, layout: _Layout, mask: Tensor, hyper: Tensor) -> Tensor:
+    """Sum ``values`` over the active elements of each group, in float64."""
+    acc = torch.zeros(layout.num_groups, dtype=torch.float64, device=values.device)
+    acc = acc.index_add(0, layout.group, torch.where(mask, values, 0).double())
+    return acc.to(hyper.dtype)
+
+
+def _check_optional(op: str, name: str, t: Tensor, n: int, needed: Tensor) -> None:
+    if t.numel() not in (0, n):
+        raise RuntimeError(f"{op}: {name} must have {n} or 0 elements, got {t.numel()}")
+    if t.numel() == 0 and n > 0 and bool(needed.any()):
+        raise RuntimeError(f"{op}: {name} has 0 elements but a group that needs it is active")
+
+
+# --------------------------------------------------------------------------------------
+# SGD
+# --------------------------------------------------------------------------------------
+
+
+def _sgd_forward_math(params, grads, momentum_buffer, layout, lr, momentum, dampening,
+                      weight_decay, group_flags):
+    ct = compute_dtype(params.dtype)
+    act = layout.active
+    p = params.to(ct)
+    g = torch.where(act, grads.to(ct), 0)
+    lr_e, wd_e = lr[layout.group], weight_decay[layout.group]
+    maximize = _flag(group_flags, layout, SGD_MAXIMIZE)
+    nesterov = _flag(group_flags, layout, SGD_NESTEROV)
+    use_mom = _flag(group_flags, layout, SGD_MOMENTUM) & act
+    g2 = torch.where(maximize, -g, g) + wd_e * p
+    has_buf = momentum_buffer.numel() > 0
+    if has_buf:
+        mom_e, damp_e = momentum[layout.group], dampening[layout.group]
+        b = momentum_buffer.to(ct)
+        b_mom = torch.where(layout.first, g2, mom_e * b + (1 - damp_e) * g2)
+        b_new = torch.where(use_mom, b_mom, b)
+        d = torch.where(use_mom, torch.where(nesterov, g2 + mom_e * b_new, b_new), g2)
+    else:
+        mom_e = damp_e = b = b_new = None
+        d = g2
+    return dict(p=p, g2=g2, b=b, b_new=b_new, d=d, lr_e=lr_e, wd_e=wd_e, mom_e=mom_e,
+                damp_e=damp_e, maximize=maximize, nesterov=nesterov, use_mom=use_mom,
+                has_buf=has_buf)
+
+
+def sgd_step(
+    params: Tensor,
+    grads: Tensor,
+    momentum_buffer: Tensor,
+    segments: Tensor,
+    lr: Tensor,
+    momentum: Tensor,
+    dampening: Tensor,
+    weight_decay: Tensor,
+    group_flags: Tensor,
+    *,
+    check: bool = True,
+) -> tuple[Tensor, Tensor]:
+    r"""One SGD step over a flat bucket, as ``torch.optim.SGD``.
+
+    For each active segment (``first`` = the segment's step is 0):
+
+    .. math::
+        g_2 &= \pm g + \lambda p \\
+        b' &= g_2 \text{ if first else } \mu b + (1 - \tau) g_2 \\
+        d &= g_2 + \mu b' \text{ (nesterov) or } b' \text{ (momentum) or } g_2 \\
+        p' &= p - \eta d
+
+    Returns ``(params_out, momentum_buffer_out)``.
+    """
+    op = "sgd_step"
+    if check:
+        _check_inputs(op, dict(params=params, grads=grads, momentum_buffer=momentum_buffer),
+                      "momentum_buffer", dict(lr=lr, momentum=momentum, dampening=dampening,
+                                              weight_decay=weight_decay), group_flags)
+    layout = _layout(op, params, segments, group_flags, check)
+    n = params.numel()
+    if check:
+        _check_optional(op, "momentum_buffer", momentum_buffer, n,
+                    _flag(group_flags, layout, SGD_MOMENTUM) & layout.active)
+    f = _sgd_forward_math(params, grads, momentum_buffer, layout, lr, momentum, dampening,
+                          weight_decay, group_flags)
+    p_new = torch.where(layout.active, f["p"] - f["lr_e"] * f["d"], f["p"])
+    b_out = f["b_new"].to(params.dtype) if f["has_buf"] else momentum_buffer.new_empty(0)
+    return p_new.to(params.dtype), b_out
+
+
+def sgd_step_backward(
+    grad_params_out: Tensor,
+    grad_momentum_buffer_out: Tensor,
+    params: Tensor,
+    grads: Tensor,
+    momentum_buffer: Tensor,
+    segments: Tensor,
+    lr: Tensor,
+    momentum: Tensor,
+    dampening: Tensor,
+    weight_decay: Tensor,
+    group_flags: Tensor,
+    hyper_grad_mask: int = 15,
+    *,
+    check: bool = True,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    r"""Vector-Jacobian product of :func:`sgd_step` (formulas in ``docs/ops.md``).
+
+    Returns ``(grad_params, grad_grads, grad_momentum_buffer, grad_lr, grad_momentum,
+    grad_dampening, grad_weight_decay)``.
+    """
+    op = "sgd_step_backward"
+    if check:
+        _check_inputs(op, dict(params=params, grads=grads, momentum_buffer=momentum_buffer),
+                      "momentum_buffer", dict(lr=lr, momentum=momentum, dampening=dampening,
+                                              weight_decay=weight_decay), group_flags,
+                      dict(grad_params_out=grad_params_out,
+                           grad_momentum_buffer_out=grad_momentum_buffer_out))
+    layout = _layout(op, params, segments, group_flags, check)
+    n = params.numel()
+    f = _sgd_forward_math(params, grads, momentum_buffer, layout, lr, momentum, dampening,
+                          weight_decay, group_flags)
+    act, p, g2 = layout.active, f["p"], f["g2"]
+    P = _zeros_or(grad_params_out, n, p)
+    D = -f["lr_e"] * P
+    if f["has_buf"]:
+        B = _zeros_or(grad_momentum_buffer_out, n, p)
+        nest, use_mom, mom_e = f["nesterov"], f["use_mom"], f["mom_e"]
+        Bt = B + torch.where(nest, mom_e * D, D)
+        G2 = torch.where(
+            use_mom,
+            torch.where(nest, D, 0) + torch.where(layout.first, Bt, (1 - f["damp_e"]) * Bt),
+            D,
+        )
+        grad_b = torch.where(use_mom, torch.where(layout.first, 0, mom_e * Bt), B)
+        grad_b_out = grad_b.to(params.dtype)
+    else:
+        G2 = D
+        grad_b_out = momentum_buffer.new_empty(0)
+    grad_p = torch.where(act, P + f["wd_e"] * G2, P)
+    grad_g = torch.where(act, torch.where(f["maximize"], -G2, G2), 0)
+
+    def hyper(bit: int, values_fn) -> Tensor:
+        if not hyper_grad_mask & bit:
+            return torch.zeros_like(lr)
+        return _group_sum(values_fn(), layout, act, lr)
+
+    zero = torch.zeros_like(p)
+    if f["has_buf"]:
+        not_first = f["use_mom"] & ~layout.first
+        grad_mom_fn = lambda: (  # noqa: E731
+            torch.where(not_first, Bt * f["b"], zero)
+            + torch.where(f["use_mom"] & f["nesterov"], D * f["b_new"], zero)
+        )
+        grad_damp_fn = lambda: torch.where(not_first, -Bt * g2, zero)  # noqa: E731
+    else:
+        grad_mom_fn = grad_damp_fn = lambda: zero  # noqa: E731
+    return (
+        grad_p.to(params.dtype),
+        grad_g.to(params.dtype),
+        grad_b_out,
+        hyper(1, lambda: P * -f["d"]),
+        hyper(2, grad_mom_fn),
+        hyper(4, grad_damp_fn),
+        hyper(8, lambda: G2 * p),
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Adam / AdamW
+# --------------------------------------------------------------------------------------
+
+
+def _adam_forward_math(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, layout, lr, beta1,
+                       beta2, eps, weight_decay, group_flags):
+    ct = compute_dtype(params.dtype)
+    act = layout.active
+    grp = layout.group
+    p = params.to(ct)
+    g = torch.where(act, grads.to(ct), 0)
+    m, v = exp_avg.to(ct), exp_avg_sq.to(ct)
+    lr_e, b1, b2 = lr[grp], beta1[grp], beta2[grp]
+    eps_e, wd_e = eps[grp], weight_decay[grp]
+    maximize = _flag(group_flags, layout, ADAM_MAXIMIZE)
+    amsgrad = _flag(group_flags, layout, ADAM_AMSGRAD) & act
+    decoupled = _flag(group_flags, layout, ADAM_DECOUPLED)
+    g1 = torch.where(maximize, -g, g)
+    g2 = torch.where(decoupled, g1, g1 + wd_e * p)
+    p0 = torch.where(decoupled, p * (1 - lr_e * wd_e), p)
+    m_new = b1 * m + (1 - b1) * g2
+    v_new = b2 * v + (1 - b2) * g2 * g2
+    has_max = max_exp_avg_sq.numel() > 0
+    if has_max:
+        vmax = max_exp_avg_sq.to(ct)
+        u = torch.where(amsgrad, torch.maximum(vmax, v_new), v_new)
+    else:
+        vmax = None
+        u = v_new
+    # Inactive elements may hold anything; keep their u positive so no masked branch
+    # produces a NaN that a gradient could multiply by zero.
+    u = torch.where(act, u, 1)
+    pos = u > 0
+    s = torch.sqrt(torch.where(pos, u, 1)) * pos
+    # Per-segment scalars in float64 (as the kernels), then cast to the compute type.
+    t_seg = layout.seg_t
+    b1_seg, b2_seg = beta1.double()[layout.seg_group], beta2.double()[layout.seg_group]
+    bc1_seg = 1 - b1_seg**t_seg
+    bc2_seg = 1 - b2_seg**t_seg
+    bc1, bc2 = layout.per_segment(bc1_seg, ct), layout.per_segment(bc2_seg, ct)
+    sqrt_bc2 = layout.per_segment(bc2_seg.sqrt(), ct)
+    # d bc1 / d beta1 = -t beta1^(t-1), likewise for beta2.
+    dbc1 = layout.per_segment(t_seg * b1_seg ** (t_seg - 1), ct)
+    dbc2 = layout.per_segment(t_seg * b2_seg ** (t_seg - 1), ct)
+    d = s / sqrt_bc2 + eps_e
+    c = lr_e / bc1
+    return dict(p=p, g2=g2, p0=p0, m=m, v=v, m_new=m_new, v_new=v_new, vmax=vmax, u=u, pos=pos,
+                s=s, bc1=bc1, bc2=bc2, r=1 / sqrt_bc2, d=d, c=c, dbc1=dbc1, dbc2=dbc2,
+                lr_e=lr_e, b1=b1, b2=b2, wd_e=wd_e,
+                maximize=maximize, amsgrad=amsgrad, decoupled=decoupled, has_max=has_max)
+
+
+def adam_step(
+    params: Tensor,
+    grads: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    max_exp_avg_sq: Tensor,
+    segments: Tensor,
+    lr: Tensor,
+    beta1: Tensor,
+    beta2: Tensor,
+    eps: Tensor,
+    weight_decay: Tensor,
+    group_flags: Tensor,
+    *,
+    check: bool = True,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    r"""One Adam / AdamW step over a flat bucket, as ``torch.optim.Adam(W)``.
+
+    For each active segment, with :math:`t` its step count after this update:
+
+    .. math::
+        m' &= \beta_1 m + (1 - \beta_1) g_2, \qquad v' = \beta_2 v + (1 - \beta_2) g_2^2 \\
+        u &= \max(v_{max}, v') \text{ (amsgrad) or } v' \\
+        p' &= p_0 - \frac{\eta}{1 - \beta_1^t}\,
+              \frac{m'}{\sqrt{u} / \sqrt{1 - \beta_2^t} + \epsilon}
+
+    with :math:`g_2 = \pm g + \lambda p, p_0 = p` (Adam, L2 decay) or
+    :math:`g_2 = \pm g, p_0 = (1 - \eta\lambda) p` (AdamW, decoupled decay).
+
+    Returns ``(params_out, exp_avg_out, exp_avg_sq_out, max_exp_avg_sq_out)``.
+    """
+    op = "adam_step"
+    if check:
+        _check_inputs(op, dict(params=params, grads=grads, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
+                               max_exp_avg_sq=max_exp_avg_sq), "max_exp_avg_sq",
+                      dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay),
+                      group_flags)
+    layout = _layout(op, params, segments, group_flags, check)
+    n = params.numel()
+    if check:
+        _check_optional(op, "max_exp_avg_sq", max_exp_avg_sq, n,
+                    _flag(group_flags, layout, ADAM_AMSGRAD) & layout.active)
+    f = _adam_forward_math(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, layout, lr,
+                           beta1, beta2, eps, weight_decay, group_flags)
+    act = layout.active
+    p_new = torch.where(act, f["p0"] - f["c"] * f["m_new"] / f["d"], f["p"])
+    m_out = torch.where(act, f["m_new"], f["m"])
+    v_out = torch.where(act, f["v_new"], f["v"])
+    if f["has_max"]:
+        vmax_out = torch.where(f["amsgrad"], f["u"], f["vmax"]).to(params.dtype)
+    else:
+        vmax_out = max_exp_avg_sq.new_empty(0)
+    dt = params.dtype
+    return p_new.to(dt), m_out.to(dt), v_out.to(dt), vmax_out
+
+
+def adam_step_backward(
+    grad_params_out: Tensor,
+    grad_exp_avg_out: Tensor,
+    grad_exp_avg_sq_out: Tensor,
+    grad_max_exp_avg_sq_out: Tensor,
+    params: Tensor,
+    grads: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    max_exp_avg_sq: Tensor,
+    segments: Tensor,
+    lr: Tensor,
+    beta1: Tensor,
+    beta2: Tensor,
+    eps: Tensor,
+    weight_decay: Tensor,
+    group_flags: Tensor,
+    hyper_grad_mask: int = 31,
+    *,
+    check: bool = True,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    r"""Vector-Jacobian product of :func:`adam_step` (formulas in ``docs/ops.md``).
+
+    :math:`\partial\sqrt{u}/\partial u` is taken as 0 where :math:`u = 0`, as higher does.
+
+    Returns ``(grad_params, grad_grads, grad_exp_avg, grad_exp_avg_sq,
+    grad_max_exp_avg_sq, grad_lr, grad_beta1, grad_beta2, grad_eps, grad_weight_decay)``.
+    """
+    op = "adam_step_backward"
+    if check:
+        _check_inputs(op, dict(params=params, grads=grads, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
+                               max_exp_avg_sq=max_exp_avg_sq), "max_exp_avg_sq",
+                      dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay),
+                      group_flags,
+                      dict(grad_params_out=grad_params_out, grad_exp_avg_out=grad_exp_avg_out,
+                           grad_exp_avg_sq_out=grad_exp_avg_sq_out,
+                           grad_max_exp_avg_sq_out=grad_max_exp_avg_sq_out))
+    layout = _layout(op, params, segments, group_flags, check)
+    n = params.numel()
+    f = _adam_forward_math(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, layout, lr,
+                           beta1, beta2, eps, weight_decay, group_flags)
+    act, p = layout.active, f["p"]
+    P = _zeros_or(grad_params_out, n, p)
+    M = _zeros_or(grad_exp_avg_out, n, p)
+    V = _zeros_or(grad_exp_avg_sq_out, n, p)
+    d, c, m_new, s, r = f["d"], f["c"], f["m_new"], f["s"], f["r"]
+    Q = P * c * m_new / (d * d)
+    Mt = M - P * c / d
+    ds = torch.where(f["pos"], 0.5 / torch.where(f["pos"], s, 1), 0)
+    U = Q * r * ds
+    if f["has_max"]:
+        X = _zeros_or(grad_max_exp_avg_sq_out, n, p)
+        ams = f["amsgrad"]
+        Ux = U + X
+        vmax, v_new = f["vmax"], f["v_new"]
+        share_v = torch.where(v_new > vmax, 1.0, torch.where(v_new == vmax, 0.5, 0.0)).to(p.dtype)
+        Vt = V + torch.where(ams, Ux * share_v, U)
+        grad_vmax = torch.where(ams, Ux * (1 - share_v), X)
+        grad_vmax_out = torch.where(act, grad_vmax, X).to(params.dtype)
+    else:
+        Vt = V + U
+        grad_vmax_out = max_exp_avg_sq.new_empty(0)
+    g2, b1, b2, wd_e, lr_e = f["g2"], f["b1"], f["b2"], f["wd_e"], f["lr_e"]
+    dec = f["decoupled"]
+    G2 = Mt * (1 - b1) + Vt * (1 - b2) * 2 * g2
+    grad_p = torch.where(dec, P * (1 - lr_e * wd_e), P + wd_e * G2)
+    grad_p = torch.where(act, grad_p, P)
+    grad_g = torch.where(act, torch.where(f["maximize"], -G2, G2), 0)
+    grad_m = torch.where(act, Mt * b1, M)
+    grad_v = torch.where(act, Vt * b2, V)
+    bc1, bc2, dbc1, dbc2 = f["bc1"], f["bc2"], f["dbc1"], f["dbc2"]
+
+    def hyper(bit: int, values_fn) -> Tensor:
+        if not hyper_grad_mask & bit:
+            return torch.zeros_like(lr)
+        return _group_sum(values_fn(), layout, act, lr)
+
+    dt = params.dtype
+    return (
+        grad_p.to(dt),
+        grad_g.to(dt),
+        grad_m.to(dt),
+        grad_v.to(dt),
+        grad_vmax_out,
+        hyper(1, lambda: P * (-m_new / (bc1 * d)) - torch.where(dec, P * wd_e * p, 0)),
+        hyper(2, lambda: Mt * (f["m"] - g2)
+              - P * (m_new / d) * lr_e * dbc1 / (bc1 * bc1)),
+        hyper(4, lambda: Vt * (f["v"] - g2 * g2)
+              + Q * (0.5 * s * bc2 ** (-1.5)) * dbc2),
+        hyper(8, lambda: Q),
+        hyper(16, lambda: torch.where(dec, -P * lr_e * p, G2 * p)),
+    )
