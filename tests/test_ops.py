@@ -1,0 +1,288 @@
+"""The fused ops against the reference: values, gradients, double gradients, opcheck, errors."""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import pytest
+import torch
+from conftest import DEVICES, DTYPES, assert_close
+
+from loft import ops, reference
+
+SGD, ADAM = "sgd_step", "adam_step"
+BUFFERS = {SGD: ("params", "grads", "momentum_buffer"),
+           ADAM: ("params", "grads", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")}
+HYPER = {SGD: ops.SGD_HYPER, ADAM: ops.ADAM_HYPER}
+OPTIONAL = {SGD: "momentum_buffer", ADAM: "max_exp_avg_sq"}
+NEEDS_OPTIONAL = {SGD: reference.SGD_MOMENTUM, ADAM: reference.ADAM_AMSGRAD}
+
+SIZE_SETS = [[0], [1], [7], [0, 1, 33, 5], [3, 0, 1000, 1, 4099], [2, 3]]
+
+
+def make_case(op: str, sizes: list[int], dtype: torch.dtype, flags: list[int], *,
+              seed: int = 0, device: str = "cpu", with_optional: bool | None = None,
+              inactive_every: int = 3) -> dict[str, torch.Tensor]:
+    """A random bucket: buffers, a segment table over ``sizes``, per-group hyperparameters.
+
+    Segments alternate over the groups; every ``inactive_every``-th one gets no gradient;
+    step counts are random (some 0, the first step).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    n, num_groups = sum(sizes), len(flags)
+    hdt = reference.compute_dtype(dtype)
+
+    def rand(*shape: int, lo: float = -1.0, hi: float = 1.0) -> torch.Tensor:
+        return (torch.rand(*shape, generator=gen, dtype=torch.float64) * (hi - lo) + lo)
+
+    rows, off = [], 0
+    for i, numel in enumerate(sizes):
+        step = int(torch.randint(0, 4, (1,), generator=gen)) if i % 2 else 0
+        active = 0 if (inactive_every and i % inactive_every == inactive_every - 1) else 1
+        rows.append([off, numel, i % num_groups, step, active])
+        off += numel
+    case: dict[str, torch.Tensor] = {
+        "params": torch.randn(n, generator=gen, dtype=torch.float64),
+        "grads": torch.randn(n, generator=gen, dtype=torch.float64),
+    }
+    if with_optional is None:
+        with_optional = any(f & NEEDS_OPTIONAL[op] for f in flags)
+    if op == SGD:
+        case["momentum_buffer"] = torch.randn(n if with_optional else 0, generator=gen,
+                                              dtype=torch.float64)
+    else:
+        case["exp_avg"] = torch.randn(n, generator=gen, dtype=torch.float64) * 0.1
+        case["exp_avg_sq"] = rand(n, lo=0.01, hi=0.5)
+        case["max_exp_avg_sq"] = rand(n if with_optional else 0, lo=0.01, hi=0.5)
+    case = {k: v.to(device=device, dtype=dtype) for k, v in case.items()}
+    case["segments"] = torch.tensor(rows, dtype=torch.int64).reshape(-1, 5).to(device)
+    if op == SGD:
+        hyper = {"lr": rand(num_groups, lo=0.05, hi=0.5), "momentum": rand(num_groups, lo=0.1, hi=0.9),
+                 "dampening": rand(num_groups, lo=0.0, hi=0.5),
+                 "weight_decay": rand(num_groups, lo=0.0, hi=0.1)}
+    else:
+        hyper = {"lr": rand(num_groups, lo=1e-3, hi=0.1), "beta1": rand(num_groups, lo=0.5, hi=0.95),
+                 "beta2": rand(num_groups, lo=0.8, hi=0.999), "eps": rand(num_groups, lo=1e-3, hi=0.1),
+                 "weight_decay": rand(num_groups, lo=0.0, hi=0.1)}
+    for k, v in hyper.items():
+        case[k] = v.to(device=device, dtype=hdt)
+    case["group_flags"] = torch.tensor(flags, dtype=torch.int64, device=device)
+    return case
+
+
+def args_of(op: str, case: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    return ([case[b] for b in BUFFERS[op]] + [case["segments"]]
+            + [case[h] for h in HYPER[op]] + [case["group_flags"]])
+
+
+def raw_op(op: str):
+    return getattr(torch.ops.loft, op)
+
+
+ALL_FLAGS = {SGD: list(range(8)), ADAM: list(range(8))}
+
+
+def flag_pairs(op: str) -> list[tuple[int, int]]:
+    """Two groups: every flag combination appears in group 0, paired with its complement."""
+    return [(f, 7 - f) for f in ALL_FLAGS[op]]
+
+
+# ---- forward and backward values ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("op", [SGD, ADAM])
+def test_forward_matches_reference(op: str, dtype: torch.dtype, device: str, fused: None) -> None:
+    for (flags, sizes) in itertools.product(flag_pairs(op), SIZE_SETS):
+        case = make_case(op, sizes, dtype, list(flags), seed=hash((flags, tuple(sizes))) % 1000,
+                         device=device)
+        args = args_of(op, case)
+        before = [a.clone() for a in args]
+        got = raw_op(op)(*args)
+        want = getattr(reference, op)(*args)
+        for a, b in zip(args, before):
+            assert torch.equal(a, b), "the forward wrote one of its inputs"
+        for name, g, w in zip(["params"] + list(BUFFERS[op][2:]), got, want):
+            assert g.dtype == dtype and g.shape == w.shape and g.is_contiguous()
+            assert_close(g, w, dtype, f"{op} {name} flags={flags} sizes={sizes}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("op", [SGD, ADAM])
+def test_backward_matches_reference(op: str, dtype: torch.dtype, device: str, fused: None) -> None:
+    num_out = len(BUFFERS[op]) - 1
+    for (flags, sizes) in itertools.product(flag_pairs(op), SIZE_SETS):
+        case = make_case(op, sizes, dtype, list(flags), seed=7, device=device)
+        args = args_of(op, case)
+        n = case["params"].numel()
+        gen = torch.Generator().manual_seed(11)
+        upstream = []
+        for k, out in enumerate(getattr(reference, op)(*args)):
+            # Mix real upstream gradients with 0-element ones ("no gradient").
+            if k == 1 and flags[0] % 2:
+                upstream.append(out.new_empty(0))
+            else:
+                upstream.append(torch.randn(out.numel(), generator=gen,
+                                            dtype=torch.float64).to(out))
+        assert len(upstream) == num_out
+        for mask in (2 ** len(HYPER[op]) - 1, 0b101):
+            got = raw_op(op + "_backward")(*upstream, *args, mask)
+            want = getattr(reference, op + "_backward")(*upstream, *args, mask)
+            names = list(BUFFERS[op]) + list(HYPER[op])
+            for name, g, w in zip(names, got, want):
+                assert g.shape == w.shape and g.dtype == w.dtype, name
+                rtol, atol = {torch.float64: (1e-10, 1e-12)}.get(dtype, (5e-3, 5e-3))
+                if name in HYPER[op]:
+                    # A sum over up to 5000 elements rounded from the buffer dtype.
+                    scale = max(1.0, float(w.abs().max()))
+                    torch.testing.assert_close(g.double(), w.double(), rtol=rtol,
+                                               atol=atol * scale * max(1, n) ** 0.5,
+                                               msg=f"{op} {name} flags={flags} sizes={sizes}")
+                else:
+                    assert_close(g, w, dtype, f"{op} grad {name} flags={flags} sizes={sizes}")
+
+
+@pytest.mark.parametrize("op", [SGD, ADAM])
+def test_reference_backward_is_autograd_of_reference_forward(op: str) -> None:
+    """The explicit backward formulas equal autograd through the reference forward."""
+    for flags in flag_pairs(op):
+        case = make_case(op, [3, 1, 4, 2], torch.float64, list(flags), seed=3)
+        args = args_of(op, case)
+        leaves = [a.clone().requires_grad_(a.is_floating_point()) for a in args]
+        outs = getattr(reference, op)(*leaves)
+        upstream = [torch.randn_like(o) for o in outs]
+        pairs = [(o, u) for o, u in zip(outs, upstream) if o.numel()]
+        want = torch.autograd.grad([o for o, _ in pairs], [x for x in leaves if x.requires_grad],
+                                   [u for _, u in pairs], allow_unused=True)
+        got = getattr(reference, op + "_backward")(*upstream, *args, 2 ** len(HYPER[op]) - 1)
+        for g, w in zip(got, want):
+            w = torch.zeros_like(g) if w is None else w
+            torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("op", [SGD, ADAM])
+def test_fused_is_deterministic(op: str, fused: None) -> None:
+    case = make_case(op, [5000, 17, 30000], torch.float32, [7, 0], seed=5)
+    args = args_of(op, case)
+    upstream = [torch.randn(o.numel()).to(o) for o in raw_op(op)(*args)]
+    first = raw_op(op + "_backward")(*upstream, *args, 31)
+    for _ in range(3):
+        again = raw_op(op + "_backward")(*upstream, *args, 31)
+        assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+# ---- gradcheck / gradgradcheck / opcheck ---------------------------------------------------
+
+
+def _differentiable_inputs(op: str, case: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    return [a.detach().clone().requires_grad_(a.is_floating_point() and a.numel() > 0)
+            for a in args_of(op, case)]
+
+
+@pytest.mark.parametrize("op", [SGD, ADAM])
+@pytest.mark.parametrize("flags", [(0, 7), (7, 0), (2, 5), (4, 3)], ids=str)
+@pytest.mark.parametrize("entry", ["wrapper", "raw"])
+def test_gradcheck_and_gradgradcheck(op: str, flags: tuple[int, int], entry: str,
+                                     fused: None) -> None:
+    """Float64 gradcheck and gradgradcheck with respect to every buffer and hyperparameter."""
+    case = make_case(op, [3, 2, 1, 2], torch.float64, list(flags), seed=13)
+    inputs = _differentiable_inputs(op, case)
+    fn = getattr(ops, op) if entry == "wrapper" else raw_op(op)
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+    assert torch.autograd.gradgradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("op", [SGD, ADAM])
+def test_gradcheck_of_backward_op(op: str, fused: None) -> None:
+    """The raw ``*_backward`` ops are differentiable too."""
+    case = make_case(op, [2, 3, 1], torch.float64, [7, 2], seed=17)
+    inputs = _differentiable_inputs(op, case)
+    upstream = [torch.randn(o.numel(), dtype=torch.float64, requires_grad=True)
+                for o in raw_op(op)(*[a.detach() for a in inputs])]
+    mask = 2 ** len(HYPER[op]) - 1
+
+    def fn(*xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return raw_op(op + "_backward")(*xs, mask)
+
+    assert torch.autograd.gradcheck(fn, upstream + inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", [SGD, ADAM])
+def test_opcheck(op: str, device: str, fused: None) -> None:
+    case = make_case(op, [4, 0, 3], torch.float64, [7, 2], seed=19, device=device)
+    inputs = _differentiable_inputs(op, case)
+    with warnings.catch_warnings():
+        # A missing autograd formula is only a warning in opcheck: make it a failure.
+        warnings.simplefilter("error")
+        torch.library.opcheck(raw_op(op), inputs)
+        outs = raw_op(op)(*[a.detach() for a in inputs])
+        upstream = [torch.randn_like(o) for o in outs]
+        torch.library.opcheck(raw_op(op + "_backward"), upstream + inputs + [2 ** len(HYPER[op]) - 1])
+
+
+# ---- errors ---------------------------------------------------------------------------------
+
+
+def _bad_cases(op: str) -> list[tuple[str, dict, str]]:
+    """(description, replacement arguments, expected text in the message)."""
+    n = 10
+    return [
+        ("short grads", {"grads": torch.zeros(n - 1, dtype=torch.float64)}, "grads"),
+        ("wrong dtype", {"grads": torch.zeros(n, dtype=torch.float32)}, "grads"),
+        ("2-D params", {"params": torch.zeros(2, 5, dtype=torch.float64)}, "params"),
+        ("non-contiguous", {"grads": torch.zeros(2 * n, dtype=torch.float64)[::2]}, "grads"),
+        ("segments past the end", {"segments": torch.tensor([[0, 4, 0, 0, 1], [4, 9, 0, 0, 1]])},
+         "segments"),
+        ("segments not tiling", {"segments": torch.tensor([[0, 4, 0, 0, 1], [5, 6, 0, 0, 1]])},
+         "segments"),
+        ("negative numel", {"segments": torch.tensor([[0, -2, 0, 0, 1], [-2, 12, 0, 0, 1]])},
+         "segments"),
+        ("group out of range", {"segments": torch.tensor([[0, 4, 2, 0, 1], [4, 6, 0, 0, 1]])},
+         "group"),
+        ("negative step", {"segments": torch.tensor([[0, 4, 0, -1, 1], [4, 6, 0, 0, 1]])},
+         "step"),
+        ("bad active", {"segments": torch.tensor([[0, 4, 0, 0, 2], [4, 6, 0, 0, 1]])}, "active"),
+        ("segments dtype", {"segments": torch.tensor([[0, 4, 0, 0, 1], [4, 6, 0, 0, 1]],
+                                                     dtype=torch.int32)}, "segments"),
+        ("segments shape", {"segments": torch.zeros(2, 4, dtype=torch.int64)}, "segments"),
+        ("lr size", {"lr": torch.zeros(3, dtype=torch.float64)}, "lr"),
+        ("lr dtype", {"lr": torch.zeros(2, dtype=torch.float32)}, "lr"),
+        ("flags size", {"group_flags": torch.zeros(1, dtype=torch.int64)}, "group_flags"),
+        ("optional buffer missing",
+         {OPTIONAL[op]: torch.zeros(0, dtype=torch.float64),
+          "group_flags": torch.tensor([NEEDS_OPTIONAL[op], 0])}, OPTIONAL[op]),
+        ("optional buffer size", {OPTIONAL[op]: torch.zeros(3, dtype=torch.float64)},
+         OPTIONAL[op]),
+    ]
+
+
+@pytest.mark.parametrize("op", [SGD, ADAM])
+def test_bad_input_raises_naming_the_argument(op: str, fused: None) -> None:
+    for what, replace, expected in _bad_cases(op):
+        case = make_case(op, [4, 6], torch.float64, [0, 0], seed=1, with_optional=True)
+        case.update(replace)
+        args = args_of(op, case)
+        for fn in (raw_op(op), getattr(reference, op)):
+            with pytest.raises(RuntimeError, match=expected):
+                fn(*args)
+        upstream = [torch.zeros(10, dtype=torch.float64) for _ in BUFFERS[op][1:]]
+        with pytest.raises(RuntimeError, match=expected):
+            raw_op(op + "_backward")(*upstream, *args, 1)
+
+
+@pytest.mark.parametrize("op", [SGD, ADAM])
+def test_backward_rejects_bad_upstream(op: str, fused: None) -> None:
+    case = make_case(op, [4, 6], torch.float64, [0, 0], seed=1, with_optional=True)
+    upstream = [torch.zeros(10, dtype=torch.float64) for _ in BUFFERS[op][1:]]
+    upstream[0] = torch.zeros(7, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="grad_params_out"):
+        raw_op(op + "_backward")(*upstream, *args_of(op, case), 1)
+
+
+def test_ops_are_registered(fused: None) -> None:
+    for name in ("sgd_step", "sgd_step_backward", "adam_step", "adam_step_backward"):
+        assert hasattr(torch.ops.loft, name)
