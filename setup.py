@@ -84,7 +84,7 @@ setup(
     include_package_data=False,
     zip_safe=False,  # the JIT build reads loft/csrc/ from the file system
     # torch>=2.1 is met by an installed torch 2.13.0, so pip keeps it (no download).
-    install_requires=["torch>=2.1", "numpy", "ninja", "filelock"],
+    install_requires=["torch>=2.1", "numpy", "ninja", "filelock", "tqdm"],
     extras_require={
         "test": TEST_REQUIRES,
         "dev": [*TEST_REQUIRES, "ruff", "clang-format"],
