@@ -23,8 +23,10 @@ from loft import optim, patch, utils
 from loft._ext import backend, backend_reason
 from loft.optim import (
     DifferentiableOptimizer,
+    apply_trainable_opt_params,
     create_diff_optim,
     get_diff_optim,
+    get_trainable_opt_params,
     register_optim,
 )
 from loft.patch import monkeypatch
@@ -37,6 +39,8 @@ __all__ = [
     "get_diff_optim",
     "create_diff_optim",
     "register_optim",
+    "get_trainable_opt_params",
+    "apply_trainable_opt_params",
     "DifferentiableOptimizer",
     "backend",
     "backend_reason",

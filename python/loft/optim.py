@@ -13,7 +13,6 @@ parameters sharing a (device, dtype), flattened into one buffer per quantity.
 
 from __future__ import annotations
 
-import abc
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -21,6 +20,7 @@ import torch
 from torch import Tensor
 
 from loft import ops, reference
+from loft import utils as _utils
 from loft.flat import Bucket, hyper_tensor, make_buckets
 
 __all__ = [
@@ -31,6 +31,8 @@ __all__ = [
     "get_diff_optim",
     "create_diff_optim",
     "register_optim",
+    "get_trainable_opt_params",
+    "apply_trainable_opt_params",
 ]
 
 _GradCallback = Callable[[list[Tensor | None]], Sequence[Tensor | None]]
@@ -50,7 +52,7 @@ def _as_int_step(value: Any) -> int:
     return int(value)
 
 
-class DifferentiableOptimizer(abc.ABC):
+class DifferentiableOptimizer:
     """Base class of loft's differentiable optimisers (higher's name and signature).
 
     Args:
@@ -103,6 +105,11 @@ class DifferentiableOptimizer(abc.ABC):
             self.param_groups.append(copied)
             self._group_to_param_list.append(mapping)
         self._init_state = self._copy_state(other, reference_params)
+        # higher's layout: self.state[group_index][index_in_group] -> dict.
+        self.state: list[dict[int, dict[str, Any]]] = [
+            {j: dict(self._init_state[i]) for j, i in enumerate(mapping) if self._init_state[i]}
+            for mapping in self._group_to_param_list
+        ]
         if override is not None:
             self._apply_override(override)
 
@@ -164,13 +171,35 @@ class DifferentiableOptimizer(abc.ABC):
             self._fmodel.update_params(new_params)
         return new_params
 
-    # ---- the flat machinery, specialised by subclasses -----------------------------------
+    # ---- higher's per-tensor extension point ----------------------------------------------
 
-    _state_names: tuple[str, ...] = ()
+    def _update(self, grouped_grads: list[list[Tensor | None]], **kwargs: Any) -> None:
+        """Per-tensor update, higher style: replace ``group['params'][i]`` with the new
+        parameter, keeping state in ``self.state[group_index][param_index]``.
 
-    @abc.abstractmethod
+        Subclasses written for higher override this; loft's own optimisers run on flat
+        buffers instead and never call it.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement _update(grouped_grads) (per-tensor, as "
+            "in higher) to be used as a differentiable optimizer"
+        )
+
     def _flat_update(self, params: list[Tensor], grads: list[Tensor | None]) -> list[Tensor]:
-        """Return the new parameters given the current ones and their gradients."""
+        """Return the new parameters given the current ones and their gradients.
+
+        The generic path calls :meth:`_update` on per-group lists, as higher does.
+        """
+        grouped = []
+        for group, mapping in zip(self.param_groups, self._group_to_param_list):
+            group["params"] = [params[i] for i in mapping]
+            grouped.append([grads[i] for i in mapping])
+        self._update(grouped)
+        new_params = list(params)
+        for group, mapping in zip(self.param_groups, self._group_to_param_list):
+            for p, index in zip(group["params"], mapping):
+                new_params[index] = p if self._track_higher_grads else p.detach().requires_grad_()
+        return new_params
 
     def _copy_state(self, other: torch.optim.Optimizer,
                     reference_params: list[Tensor]) -> list[dict[str, Any]]:
@@ -188,8 +217,14 @@ class DifferentiableOptimizer(abc.ABC):
         return states
 
 
-class _FusedOptimizer(DifferentiableOptimizer):
-    """Flat-buffer optimiser: one fused op call per bucket per step."""
+class _FlatOptimizer(DifferentiableOptimizer):
+    """Flat-buffer optimiser: one op call per bucket per step.
+
+    Subclasses say which state buffers they keep (``_state_names``, each one value per
+    parameter element), which hyperparameters they read from a param group
+    (``_hyper_names``, ``_group_hyper``), which per-group flags they pass
+    (``_group_flags``), and run one step over a bucket in ``_call_op``.
+    """
 
     _hyper_names: tuple[str, ...] = ()
     _optional_state: str = ""
@@ -233,15 +268,18 @@ class _FusedOptimizer(DifferentiableOptimizer):
             self._flat_state.append(state)
 
     def _flat_update(self, params: list[Tensor], grads: list[Tensor | None]) -> list[Tensor]:
+        if type(self)._update is not DifferentiableOptimizer._update:
+            # A subclass written for higher: its own per-tensor _update wins.
+            return DifferentiableOptimizer._flat_update(self, params, grads)
         if self._buckets is None:
             self._setup(params)
         assert self._buckets is not None and self._last_params is not None
         for b in self._buckets:
-            for i in b.indices:
-                if params[i].shape != b.shapes[b.indices.index(i)]:
+            for i, shape in zip(b.indices, b.shapes):
+                if params[i].shape != shape:
                     raise ValueError(
                         f"step: parameter {i} has shape {list(params[i].shape)}, expected "
-                        f"{list(b.shapes[b.indices.index(i)])}"
+                        f"{list(shape)}"
                     )
         flags = [self._group_flags(g) for g in self.param_groups]
         new_params = list(params)
@@ -288,7 +326,7 @@ class _FusedOptimizer(DifferentiableOptimizer):
         return new_params
 
 
-class DifferentiableSGD(_FusedOptimizer):
+class DifferentiableSGD(_FlatOptimizer):
     r"""Differentiable ``torch.optim.SGD`` (higher's ``DifferentiableSGD``).
 
     Per parameter: :math:`g_2 = \pm g + \lambda p`; with momentum
@@ -340,7 +378,7 @@ class DifferentiableSGD(_FusedOptimizer):
         return p_new, {"momentum_buffer": buf}
 
 
-class DifferentiableAdam(_FusedOptimizer):
+class DifferentiableAdam(_FlatOptimizer):
     r"""Differentiable ``torch.optim.Adam`` (higher's ``DifferentiableAdam``, HEAD numbers).
 
     .. math::
@@ -463,3 +501,52 @@ def create_diff_optim(
     opt = opt_type(dummies, **opt_kwargs)
     return get_diff_optim(opt, dummies, fmodel=fmodel, device=device, override=override,
                           track_higher_grads=track_higher_grads, **kwargs)
+
+
+def get_trainable_opt_params(opt: torch.optim.Optimizer,
+                             device: torch.device | str | None = None) -> _Override:
+    """An ``override`` dict of learnable tensors from ``opt``'s numeric hyperparameters
+    (higher's ``get_trainable_opt_params``).
+
+    Every group entry whose leaves are all ints or floats (``lr``, ``betas``, ...)
+    becomes tensors that require grad, one list entry per group; tensors are cloned.
+    """
+    override: dict[str, list[Any]] = {}
+
+    def to_leaf(x: Any) -> Tensor:
+        if isinstance(x, Tensor):
+            return x.detach().clone().requires_grad_()
+        return torch.tensor(float(x), device=device, requires_grad=True)
+
+    for group in opt.param_groups:
+        for key, value in group.items():
+            if key == "params":
+                continue
+            if all(isinstance(x, (int, float)) for x in _utils.flatten(value)):
+                override.setdefault(key, []).append(_utils._recursive_map(value, to_leaf))
+    return override
+
+
+def apply_trainable_opt_params(opt: torch.optim.Optimizer, override: _Override) -> None:
+    """Write learned hyperparameters back into ``opt``'s groups as plain numbers
+    (higher's ``apply_trainable_opt_params``)."""
+    for key, values in override.items():
+        if len(values) not in (1, len(opt.param_groups)):
+            raise ValueError(
+                f"override[{key!r}] must hold 1 value or one per param group "
+                f"({len(opt.param_groups)}), got {len(values)}"
+            )
+        for i, group in enumerate(opt.param_groups):
+            replacement = values[0] if len(values) == 1 else values[i]
+            group[key] = _apply_structure(replacement, group[key])
+
+
+def _apply_structure(replacement: Any, target: Any) -> Any:
+    """``replacement``'s values in ``target``'s structure, tensors turned into numbers."""
+    if isinstance(target, (list, tuple)):
+        return type(target)(_apply_structure(r, t) for r, t in zip(replacement, target))
+    if isinstance(target, dict):
+        return {k: _apply_structure(replacement[k], v) for k, v in target.items()}
+    if isinstance(replacement, Tensor):
+        return replacement.item()
+    return replacement

@@ -1,18 +1,25 @@
 """Functional ("monkey-patched") modules with time-indexed fast weights (higher's API).
 
-``monkeypatch(module)`` returns ``fmodel``: calling ``fmodel(x)`` runs ``module``'s
-forward with the *fast weights* in place of its parameters (via
-:func:`torch.func.functional_call`), and with its own copy of the module's buffers, so
-BatchNorm statistics diverge from the original module without touching it.
+``monkeypatch(module)`` returns ``fmodel``, a stateless twin of ``module``:
 
-``fmodel.parameters(time=i)`` returns the fast weights after ``i`` updates (``time=0``:
-the initial weights). Unlike higher, asking for a step that is not recorded (any step
-but the latest when ``track_higher_grads=False``) raises instead of silently returning
-the latest weights.
+- ``fmodel(x)`` runs ``module``'s forward with the **fast weights** in place of its
+  parameters (:func:`torch.func.functional_call` on a structural copy of ``module``
+  whose own parameters are shape-only placeholders, so no weights are duplicated).
+- The copy owns **its own buffers**, copied at patch time: BatchNorm statistics then
+  diverge from the original module without touching it, until
+  :meth:`FunctionalModule.write_back_buffers` copies them back on request.
+- Submodules are patched too: ``fmodel.encoder(x)`` or ``fmodel[0](x)`` runs that
+  submodule on the current fast weights; ``fmodel.encoder.weight`` is the current fast
+  tensor, and assigning a tensor to it records new fast weights (as higher does).
+- ``fmodel.parameters(time=i)`` returns the fast weights after ``i`` updates (``time=0``:
+  the initial weights). Unlike higher, asking for a step that is not recorded (any step
+  but the latest when ``track_higher_grads=False``) raises instead of silently returning
+  the latest weights.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -22,20 +29,157 @@ from torch import Tensor, nn
 __all__ = ["monkeypatch", "make_functional", "buffer_sync", "FunctionalModule"]
 
 
-class FunctionalModule(nn.Module):
-    """A stateless view of ``module`` driven by a history of fast weights."""
+def _structural_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` whose parameters are meta-device placeholders."""
+    memo: dict[int, Any] = {}
+    for p in module.parameters():
+        placeholder = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"),
+                                   requires_grad=p.requires_grad)
+        memo[id(p)] = placeholder
+    return copy.deepcopy(module, memo)
+
+
+def _param_entries(module: nn.Module) -> list[tuple[str, int]]:
+    """Every (qualified name, fast-weight index) pair, tied parameters included.
+
+    The fast weights follow ``module.parameters()`` (each shared tensor once); a tensor
+    reachable under several names maps all of them to its one index.
+    """
+    index = {id(p): i for i, p in enumerate(module.parameters())}
+    return [(name, index[id(p)]) for name, p in module.named_parameters(remove_duplicate=False)]
+
+
+class _PatchedView:
+    """Shared behaviour of the root functional module and its patched submodules."""
+
+    _root: FunctionalModule
+    _prefix: str
+    _target: nn.Module
+
+    def _local_entries(self) -> list[tuple[str, int]]:
+        n = len(self._prefix)
+        return [(name[n:], i) for name, i in self._root._entries if name.startswith(self._prefix)]
+
+    def _local_param_index(self, name: str) -> int | None:
+        for local, i in self._local_entries():
+            if local == name:
+                return i
+        return None
+
+    def _call(self, args: tuple, kwargs: dict) -> Any:
+        fast = self._root.fast_params
+        if fast is None:
+            raise ValueError(
+                "params keyword must be provided if patched module not tracking its own "
+                "fast parameters"
+            )
+        mapping = {name: fast[i] for name, i in self._local_entries()}
+        return torch.func.functional_call(self._target, mapping, args, kwargs, strict=False,
+                                          tie_weights=False)
+
+    def _child(self, name: str) -> _PatchedSubmodule | None:
+        sub = self._target._modules.get(name) if hasattr(self._target, "_modules") else None
+        if sub is None:
+            return None
+        return _PatchedSubmodule(self._root, f"{self._prefix}{name}.", sub)
+
+    def _get(self, name: str) -> Any:
+        index = self._local_param_index(name)
+        if index is not None and self._root.fast_params is not None:
+            return self._root.fast_params[index]
+        child = self._child(name)
+        if child is not None:
+            return child
+        return getattr(self._target, name)
+
+    def _set(self, name: str, value: Any) -> bool:
+        """Assign a tensor to a patched parameter: new fast weights. False if not one."""
+        index = self._local_param_index(name)
+        if index is None:
+            return False
+        if not isinstance(value, Tensor):
+            raise TypeError(f"cannot assign {type(value).__name__} to the patched parameter "
+                            f"{self._prefix}{name}: expected a tensor")
+        fast = list(self._root.fast_params)
+        fast[index] = value
+        self._root.update_params(fast)
+        return True
+
+    def _getitem(self, key: Any) -> Any:
+        item = self._target[key]
+        if isinstance(item, nn.Module):
+            for name, sub in self._target._modules.items():
+                if sub is item:
+                    return _PatchedSubmodule(self._root, f"{self._prefix}{name}.", sub)
+        return item
+
+
+class _PatchedSubmodule(_PatchedView):
+    """A submodule of a functional module: calls run on the root's current fast weights."""
+
+    def __init__(self, root: FunctionalModule, prefix: str, target: nn.Module) -> None:
+        object.__setattr__(self, "_root", root)
+        object.__setattr__(self, "_prefix", prefix)
+        object.__setattr__(self, "_target", target)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._call(args, kwargs)
+
+    forward = __call__
+
+    def __getattr__(self, name: str) -> Any:
+        return self._get(name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if not self._set(name, value):
+            setattr(self._target, name, value)
+
+    def __getitem__(self, key: Any) -> Any:
+        return self._getitem(key)
+
+    def __len__(self) -> int:
+        return len(self._target)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[Any]:
+        for i in range(len(self)):
+            yield self._getitem(i)
+
+    def parameters(self, recurse: bool = True) -> Iterator[Tensor]:
+        """This submodule's current fast weights (each shared tensor once)."""
+        seen: list[int] = []
+        for _, i in self._local_entries():
+            if i not in seen:
+                seen.append(i)
+        return iter([self._root.fast_params[i] for i in seen])
+
+    def train(self, mode: bool = True) -> _PatchedSubmodule:
+        self._target.train(mode)
+        return self
+
+    def eval(self) -> _PatchedSubmodule:
+        return self.train(False)
+
+    def __repr__(self) -> str:
+        return f"Patched({self._target!r})"
+
+
+class FunctionalModule(_PatchedView, nn.Module):
+    """The stateless twin of a module, driven by a history of fast weights.
+
+    ``_fast_params`` is the history: a list with one list of tensors per recorded step.
+    """
 
     def __init__(self, module: nn.Module, track_higher_grads: bool = True) -> None:
-        super().__init__()
-        # Stored outside nn.Module's registries so that the original module's parameters
-        # are not reported as this module's own.
-        object.__setattr__(self, "_module", module)
-        object.__setattr__(self, "_param_names",
-                           [name for name, _ in module.named_parameters()])
-        object.__setattr__(self, "_own_buffers", {})
-        object.__setattr__(self, "_fast_params", None)
-        object.__setattr__(self, "_track_higher_grads", bool(track_higher_grads))
-        object.__setattr__(self, "_time_offset", 0)
+        nn.Module.__init__(self)
+        target = _structural_copy(module)
+        # Kept outside nn.Module's registries: the placeholders are not parameters of ours.
+        for name, value in (("_root", self), ("_prefix", ""), ("_target", target),
+                            ("_source", module), ("_entries", _param_entries(module)),
+                            ("_fast_params", None), ("_time_offset", 0),
+                            ("_track_higher_grads", bool(track_higher_grads))):
+            object.__setattr__(self, name, value)
+        object.__setattr__(self, "_num_params", len(list(module.parameters())))
+        object.__setattr__(self, "training", target.training)
 
     # ---- fast weights ------------------------------------------------------------------
 
@@ -69,26 +213,31 @@ class FunctionalModule(nn.Module):
     def init_fast_params(self) -> list[Tensor]:
         """The initial fast weights (only while tracking higher-order gradients)."""
         if not self._track_higher_grads:
-            raise Exception(
-                "Cannot get initial parameters when not tracking higher gradients."
-            )
+            raise Exception("Cannot get initial parameters when not tracking higher gradients.")
         return self._fast_params[0]
 
     def update_params(self, params: Iterable[Tensor]) -> None:
         """Record ``params`` as the new fast weights (one more step of history)."""
         params = list(params)
-        if len(params) != len(self._param_names):
+        if len(params) != self._num_params:
             raise ValueError(
-                f"update_params: expected {len(self._param_names)} tensors (one per "
-                f"parameter of the module), got {len(params)}"
+                f"expected {self._num_params} fast weights (one per parameter of the "
+                f"module), got {len(params)}"
             )
+        for i, (new, placeholder) in enumerate(zip(params, self._target.parameters())):
+            if not isinstance(new, Tensor):
+                raise TypeError(f"fast weight {i} must be a tensor, got {type(new).__name__}")
+            if new.shape != placeholder.shape:
+                raise ValueError(f"fast weight {i} must have shape {list(placeholder.shape)}, "
+                                 f"got {list(new.shape)}")
         self.fast_params = params
 
     def parameters(self, recurse: bool = True, time: int | None = None) -> Iterator[Tensor]:
         """The fast weights after ``time`` updates (default: the latest).
 
-        Raises ``ValueError`` for a step that is not recorded: with
-        ``track_higher_grads=False`` only the latest weights are kept.
+        Raises ``ValueError`` for a step that is not recorded while not tracking
+        higher-order gradients (only the latest weights are kept), and ``IndexError``
+        for a step outside the history, naming the recorded range.
         """
         if self._fast_params is None:
             raise Exception(
@@ -102,7 +251,7 @@ class FunctionalModule(nn.Module):
             if time not in (-1, latest):
                 raise ValueError(
                     f"The patched model is not tracking higher gradients: only the latest "
-                    f"parameters (time={latest}) are available, not time={time}."
+                    f"parameters (time={latest}) are kept, not time={time}."
                 )
             return iter(self._fast_params[-1])
         if not -len(self._fast_params) <= time <= latest:
@@ -112,50 +261,91 @@ class FunctionalModule(nn.Module):
             )
         return iter(self._fast_params[time])
 
-    def named_parameters(self, *args: Any, **kwargs: Any) -> Iterator[tuple[str, Tensor]]:
-        return iter(zip(self._param_names, self.parameters()))
+    def named_parameters(self, prefix: str = "", recurse: bool = True,
+                         remove_duplicate: bool = True) -> Iterator[tuple[str, Tensor]]:
+        names = [name for name, _ in self._source.named_parameters()]
+        return iter(zip([prefix + n for n in names], self.parameters()))
 
-    # ---- forward -----------------------------------------------------------------------
+    # ---- forward and module behaviour ----------------------------------------------------
 
     def forward(self, *args: Any, params: Iterable[Tensor] | None = None, **kwargs: Any) -> Any:
-        """``module(*args, **kwargs)`` with the fast weights (or ``params``, which are then
-        recorded as the new fast weights, as higher does)."""
+        """``module(*args, **kwargs)`` on the fast weights; ``params`` given are recorded
+        as the new fast weights first, as higher does."""
         if params is not None:
             self.update_params(params)
-        elif self.fast_params is None:
-            raise ValueError(
-                "params keyword must be provided if patched module not tracking its own "
-                "fast parameters"
-            )
-        mapping: dict[str, Tensor] = dict(zip(self._param_names, self.fast_params))
-        mapping.update(self._own_buffers)
-        return torch.func.functional_call(self._module, mapping, args, kwargs)
+        return self._call(args, kwargs)
+
+    def train(self, mode: bool = True) -> FunctionalModule:
+        self._target.train(mode)
+        object.__setattr__(self, "training", mode)
+        return self
 
     def __getattr__(self, name: str) -> Any:
         try:
-            return super().__getattr__(name)
+            return nn.Module.__getattr__(self, name)
         except AttributeError:
-            return getattr(self._module, name)
+            if name.startswith("__") or "_target" not in self.__dict__:
+                raise
+            return self._get(name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if "_target" in self.__dict__ and self._set(name, value):
+            return
+        nn.Module.__setattr__(self, name, value)
+
+    def __getitem__(self, key: Any) -> Any:
+        return self._getitem(key)
+
+    def __len__(self) -> int:
+        return len(self._target)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[Any]:
+        for i in range(len(self)):
+            yield self._getitem(i)
+
+    def patched_buffers(self) -> Iterator[tuple[str, Tensor]]:
+        """The patched module's own buffers (BatchNorm statistics, ...), by name."""
+        return self._target.named_buffers()
+
+    def write_back_buffers(self, module: nn.Module | None = None) -> None:
+        """Copy the patched module's buffers into ``module`` (default: the patched one).
+
+        higher never writes BatchNorm running statistics back to the original model;
+        call this after an inner loop to keep them (for example before evaluation).
+        """
+        module = self._source if module is None else module
+        targets = dict(module.named_buffers())
+        for name, buf in self._target.named_buffers():
+            if name not in targets:
+                raise KeyError(f"write_back_buffers: the module has no buffer named {name!r}")
+            with torch.no_grad():
+                targets[name].copy_(buf)
 
     def __repr__(self) -> str:
-        return f"MonkeyPatched({self._module!r})"
+        return f"MonkeyPatched({self._target!r})"
 
 
 def buffer_sync(module: nn.Module, fmodule: FunctionalModule,
                 device: torch.device | str | None = None) -> None:
-    """Give ``fmodule`` its own copies of ``module``'s buffers (on ``device``)."""
-    own = {}
+    """Copy ``module``'s buffers into ``fmodule``'s own (on ``device``), as higher does at
+    patch time; later updates of either side do not reach the other."""
+    own = dict(fmodule._target.named_buffers())
     for name, buf in module.named_buffers():
-        if buf is None:
-            continue
-        copied = buf.detach().clone()
-        own[name] = copied if device is None else copied.to(device)
-    object.__setattr__(fmodule, "_own_buffers", own)
+        if name in own:
+            copied = buf.detach().clone()
+            _assign_buffer(fmodule._target, name, copied if device is None else copied.to(device))
+
+
+def _assign_buffer(module: nn.Module, qualified: str, value: Tensor) -> None:
+    *path, leaf = qualified.split(".")
+    for part in path:
+        module = getattr(module, part)
+    module._buffers[leaf] = value
 
 
 def make_functional(module: nn.Module, encapsulator: Any = None) -> FunctionalModule:
     """A :class:`FunctionalModule` over ``module``; ``encapsulator(fmodule, module)`` sets
-    its initial fast weights and buffers."""
+    its initial fast weights and buffers (higher's ``make_functional``)."""
     fmodule = FunctionalModule(module)
     if encapsulator is not None:
         encapsulator(fmodule, module)
