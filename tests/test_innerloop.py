@@ -492,3 +492,22 @@ def test_low_precision_inner_loop_tracks_float64(dtype: torch.dtype) -> None:
     tol = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 3e-3}[dtype]
     for a, b in zip(results[dtype], results[torch.float64]):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+def test_state_is_exposed_in_highers_layout() -> None:
+    """``diffopt.state[group][index]`` holds the current moments and step counts."""
+    model = make_model()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    twin = copy.deepcopy(model)
+    twin_opt = torch.optim.Adam(twin.parameters(), lr=0.01)
+    with loft.innerloop_ctx(model, opt) as (fmodel, diffopt):
+        for x, y in batches(2):
+            diffopt.step(mse(fmodel(x), y))
+            twin_opt.zero_grad()
+            mse(twin(x), y).backward()
+            twin_opt.step()
+    for j, p in enumerate(twin.parameters()):
+        mine, theirs = diffopt.state[0][j], twin_opt.state[p]
+        assert mine["step"] == int(theirs["step"]) == 2
+        torch.testing.assert_close(mine["exp_avg"].detach(), theirs["exp_avg"], **F64)
+        torch.testing.assert_close(mine["exp_avg_sq"].detach(), theirs["exp_avg_sq"], **F64)

@@ -230,12 +230,38 @@ class _FlatOptimizer(DifferentiableOptimizer):
     _optional_state: str = ""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._buckets: list[Bucket] | None = None
         super().__init__(*args, **kwargs)
         self._steps = [self._initial_step(st) for st in self._init_state]
-        self._buckets: list[Bucket] | None = None
         self._flat_params: list[Tensor] = []
         self._flat_state: list[dict[str, Tensor]] = []
         self._last_params: list[Tensor] | None = None
+
+    @property
+    def state(self) -> list[dict[int, dict[str, Any]]]:
+        """higher's layout, ``state[group_index][index_in_group]``: views of the current
+        flat state buffers, and the tensor's step count."""
+        if self._buckets is None:
+            return self._state_before_first_step
+        where = {i: (k, j) for k, b in enumerate(self._buckets) for j, i in enumerate(b.indices)}
+        out: list[dict[int, dict[str, Any]]] = []
+        for mapping in self._group_to_param_list:
+            group_state: dict[int, dict[str, Any]] = {}
+            for j, i in enumerate(mapping):
+                k, pos = where[i]
+                b = self._buckets[k]
+                off, n = b.offsets[pos], b.numels[pos]
+                entry: dict[str, Any] = {"step": self._steps[i]}
+                for name, flat in self._flat_state[k].items():
+                    if flat.numel() == b.numel and flat.dim() == 1:
+                        entry[name] = flat[off:off + n].view(b.shapes[pos])
+                group_state[j] = entry
+            out.append(group_state)
+        return out
+
+    @state.setter
+    def state(self, value: list[dict[int, dict[str, Any]]]) -> None:
+        self._state_before_first_step = value
 
     # subclass hooks
     def _initial_step(self, state: dict[str, Any]) -> int:
