@@ -36,6 +36,7 @@ __all__ = ["backend", "backend_reason", "csrc_dir", "load", "has_device_kernels"
 
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {"loaded": None, "reason": "", "cuda": False}
+_DEVICE_KERNELS: dict[str, bool] = {}
 _EXT_PREFIX = "loft_ops"
 _WARNING_LINES = 25
 
@@ -203,9 +204,10 @@ def backend_reason() -> str:
 
 
 def has_device_kernels(device: torch.device) -> bool:
-    """Whether the fused ops have kernels for tensors on ``device``."""
-    if not load():
-        return False
-    if device.type == "cpu":
-        return True
-    return device.type == "cuda" and bool(_STATE["cuda"])
+    """Whether the fused ops have kernels for tensors on ``device`` (cached per type)."""
+    known = _DEVICE_KERNELS.get(device.type)
+    if known is not None:
+        return known
+    available = load() and (device.type == "cpu" or (device.type == "cuda" and bool(_STATE["cuda"])))
+    _DEVICE_KERNELS[device.type] = available
+    return available

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -41,22 +42,22 @@ class Bucket:
         self.numel = total
 
     def flatten(self, tensors: Sequence[Tensor | None]) -> Tensor:
-        """One flat buffer of ``tensors`` (``None`` entries become zeros); differentiable."""
-        parts = []
-        for t, n in zip(tensors, self.numels):
-            if t is None:
-                parts.append(torch.zeros(n, dtype=self.dtype, device=self.device))
-            else:
-                parts.append(t.reshape(-1).to(device=self.device, dtype=self.dtype))
-        if not parts:
-            return torch.zeros(0, dtype=self.dtype, device=self.device)
-        return torch.cat(parts) if len(parts) > 1 else parts[0].clone()
+        """One new flat buffer of ``tensors`` (``None`` entries become zeros).
+
+        Differentiable, as a single autograd node (its backward splits the gradient).
+        """
+        ready = [None if t is None else t.to(device=self.device, dtype=self.dtype)
+                 for t in tensors]
+        return _Flatten.apply(self, *ready)
 
     def views(self, flat: Tensor) -> list[Tensor]:
-        """The parameters as views into ``flat``, with their original shapes."""
+        """The parameters as views into ``flat``, with their original shapes.
+
+        Differentiable, as a single autograd node (its backward concatenates).
+        """
         if not self.numels:
             return []
-        return [part.view(shape) for part, shape in zip(flat.split(self.numels), self.shapes)]
+        return list(_Views.apply(self, flat))
 
     def segments(self, steps: Sequence[int], active: Sequence[bool]) -> Tensor:
         """The ``[S, 5]`` int64 segment table for one step."""
@@ -66,6 +67,49 @@ class Bucket:
         ]
         table = torch.tensor(rows, dtype=torch.int64).reshape(len(rows), 5)
         return table if self.device.type == "cpu" else table.to(self.device, non_blocking=True)
+
+
+class _Flatten(torch.autograd.Function):
+    """Concatenate tensors (``None``: zeros) into one flat buffer, in one autograd node."""
+
+    @staticmethod
+    def forward(ctx: Any, bucket: Bucket, *tensors: Tensor | None) -> Tensor:  # type: ignore[override]
+        ctx.bucket = bucket
+        ctx.present = [t is not None for t in tensors]
+        parts = [t.reshape(-1) if t is not None else
+                 torch.zeros(n, dtype=bucket.dtype, device=bucket.device)
+                 for t, n in zip(tensors, bucket.numels)]
+        if not parts:
+            return torch.empty(0, dtype=bucket.dtype, device=bucket.device)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        b: Bucket = ctx.bucket
+        parts = grad.split(b.numels) if b.numels else []
+        return (None,) + tuple(
+            part.view(shape) if present else None
+            for part, shape, present in zip(parts, b.shapes, ctx.present)
+        )
+
+
+class _Views(torch.autograd.Function):
+    """Split a flat buffer into shaped views, in one autograd node."""
+
+    @staticmethod
+    def forward(ctx: Any, bucket: Bucket, flat: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+        ctx.bucket = bucket
+        ctx.set_materialize_grads(False)
+        return tuple(part.view(shape) for part, shape in zip(flat.split(bucket.numels),
+                                                              bucket.shapes))
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor | None) -> tuple[None, Tensor]:  # type: ignore[override]
+        b: Bucket = ctx.bucket
+        ref = next((g for g in grads if g is not None), None)
+        if ref is None:
+            return None, None
+        return None, _Flatten.apply(b, *[None if g is None else g.to(ref.dtype) for g in grads])
 
 
 def make_buckets(params: Sequence[Tensor], groups: Sequence[int | None]) -> list[Bucket]:

@@ -47,7 +47,15 @@ class _Spec:
 
     def forward_fn(self, device: torch.device) -> Callable[..., Any]:
         if _ext.has_device_kernels(device):
-            return getattr(torch.ops.loft, self.name)
+            op = getattr(torch.ops.loft, self.name).default
+
+            def below_autograd(*args: Any) -> Any:
+                # Inside autograd.Function.forward: go straight to the kernel, skipping the
+                # op's own (Python) autograd registration and its redispatch.
+                with torch._C._AutoDispatchBelowAutograd():
+                    return op(*args)
+
+            return below_autograd
         return getattr(reference, self.name)
 
     def backward_fn(self, device: torch.device, differentiable: bool) -> Callable[..., Any]:

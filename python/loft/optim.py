@@ -281,6 +281,28 @@ class _FlatOptimizer(DifferentiableOptimizer):
         return False
 
     # machinery
+    def _hyper_and_flags(self, b: Bucket, flags: list[int]) -> tuple[dict[str, Tensor], Tensor]:
+        """The ``[G]`` hyperparameter tensors and group flags of a bucket for this step.
+
+        Built anew whenever a group holds a tensor (it may require grad, and the graph
+        needs a fresh node per step); all-number settings are cached until they change.
+        """
+        values = {name: [self._group_hyper(g)[name] for g in self.param_groups]
+                  for name in self._hyper_names}
+        numbers = not any(isinstance(v, Tensor) for vs in values.values() for v in vs)
+        key = (b.device, b.dtype, tuple(flags),
+               tuple(tuple(vs) for vs in values.values())) if numbers else None
+        cache = self.__dict__.setdefault("_hyper_cache", {})
+        if key is not None and key in cache:
+            return cache[key]
+        hdt = reference.compute_dtype(b.dtype)
+        hyper = {name: hyper_tensor(vs, hdt, b.device) for name, vs in values.items()}
+        result = (hyper, torch.tensor(flags, dtype=torch.int64, device=b.device))
+        if key is not None:
+            cache.clear()
+            cache[key] = result
+        return result
+
     def _setup(self, params: list[Tensor]) -> None:
         self._buckets = make_buckets(params, self._group_of)
         self._flat_params = [b.flatten([params[i] for i in b.indices]) for b in self._buckets]
@@ -318,13 +340,7 @@ class _FlatOptimizer(DifferentiableOptimizer):
                 active = [grads[i] is not None for i in b.indices]
                 if not any(active):
                     continue
-                hdt = reference.compute_dtype(b.dtype)
-                hyper = {
-                    name: hyper_tensor([self._group_hyper(g)[name] for g in self.param_groups],
-                                       hdt, b.device)
-                    for name in self._hyper_names
-                }
-                flag_tensor = torch.tensor(flags, dtype=torch.int64, device=b.device)
+                hyper, flag_tensor = self._hyper_and_flags(b, flags)
                 g_flat = b.flatten([grads[i] for i in b.indices])
                 state = self._flat_state[k]
                 if self._optional_state and state[self._optional_state].numel() == 0 and \

@@ -3,7 +3,7 @@
 ``monkeypatch(module)`` returns ``fmodel``, a stateless twin of ``module``:
 
 - ``fmodel(x)`` runs ``module``'s forward with the **fast weights** in place of its
-  parameters (:func:`torch.func.functional_call` on a structural copy of ``module``
+  parameters (swapped into a structural copy of ``module``
   whose own parameters are shape-only placeholders, so no weights are duplicated).
 - The copy owns **its own buffers**, copied at patch time: BatchNorm statistics then
   diverge from the original module without touching it, until
@@ -66,16 +66,45 @@ class _PatchedView:
                 return i
         return None
 
+    def _slots(self) -> list[tuple[nn.Module, str, int]]:
+        """(owning module, attribute, fast-weight index) for every parameter slot in reach,
+        resolved once per submodule view."""
+        cache = self._root._slot_cache
+        if self._prefix not in cache:
+            slots = []
+            for name, i in self._local_entries():
+                owner, _, attr = name.rpartition(".")
+                module = self._target.get_submodule(owner) if owner else self._target
+                slots.append((module, attr, i))
+            cache[self._prefix] = slots
+        return cache[self._prefix]
+
     def _call(self, args: tuple, kwargs: dict) -> Any:
+        """Run the target's forward with the fast weights swapped into its parameter slots.
+
+        The same as :func:`torch.func.functional_call`, without its per-call overhead:
+        the slots are resolved once, and swapping is a dict assignment per slot.
+        """
         fast = self._root.fast_params
         if fast is None:
             raise ValueError(
                 "params keyword must be provided if patched module not tracking its own "
                 "fast parameters"
             )
-        mapping = {name: fast[i] for name, i in self._local_entries()}
-        return torch.func.functional_call(self._target, mapping, args, kwargs, strict=False,
-                                          tie_weights=False)
+        slots = self._slots()
+        saved = [module._parameters[attr] for module, attr, _ in slots]
+        recurrent = {id(m): m for m, _, _ in slots if isinstance(m, nn.RNNBase)}
+        try:
+            for module, attr, i in slots:
+                module._parameters[attr] = fast[i]
+            for module in recurrent.values():
+                module._init_flat_weights()  # RNNs cache their weights in _flat_weights
+            return self._target(*args, **kwargs)
+        finally:
+            for (module, attr, _), placeholder in zip(slots, saved):
+                module._parameters[attr] = placeholder
+            for module in recurrent.values():
+                module._init_flat_weights()
 
     def _child(self, name: str) -> _PatchedSubmodule | None:
         sub = self._target._modules.get(name) if hasattr(self._target, "_modules") else None
@@ -175,10 +204,11 @@ class FunctionalModule(_PatchedView, nn.Module):
         # Kept outside nn.Module's registries: the placeholders are not parameters of ours.
         for name, value in (("_root", self), ("_prefix", ""), ("_target", target),
                             ("_source", module), ("_entries", _param_entries(module)),
-                            ("_fast_params", None), ("_time_offset", 0),
+                            ("_fast_params", None), ("_time_offset", 0), ("_slot_cache", {}),
                             ("_track_higher_grads", bool(track_higher_grads))):
             object.__setattr__(self, name, value)
-        object.__setattr__(self, "_num_params", len(list(module.parameters())))
+        object.__setattr__(self, "_shapes", [p.shape for p in module.parameters()])
+        object.__setattr__(self, "_num_params", len(self._shapes))
         object.__setattr__(self, "training", target.training)
 
     # ---- fast weights ------------------------------------------------------------------
@@ -224,11 +254,11 @@ class FunctionalModule(_PatchedView, nn.Module):
                 f"expected {self._num_params} fast weights (one per parameter of the "
                 f"module), got {len(params)}"
             )
-        for i, (new, placeholder) in enumerate(zip(params, self._target.parameters())):
+        for i, (new, shape) in enumerate(zip(params, self._shapes)):
             if not isinstance(new, Tensor):
                 raise TypeError(f"fast weight {i} must be a tensor, got {type(new).__name__}")
-            if new.shape != placeholder.shape:
-                raise ValueError(f"fast weight {i} must have shape {list(placeholder.shape)}, "
+            if new.shape != shape:
+                raise ValueError(f"fast weight {i} must have shape {list(shape)}, "
                                  f"got {list(new.shape)}")
         self.fast_params = params
 
