@@ -28,6 +28,12 @@ __all__ = [
     "DifferentiableSGD",
     "DifferentiableAdam",
     "DifferentiableAdamW",
+    "DifferentiableAdagrad",
+    "DifferentiableAdadelta",
+    "DifferentiableAdamax",
+    "DifferentiableASGD",
+    "DifferentiableRMSprop",
+    "DifferentiableRprop",
     "get_diff_optim",
     "create_diff_optim",
     "register_optim",
@@ -480,10 +486,26 @@ class DifferentiableAdamW(DifferentiableAdam):
     _decoupled = True
 
 
+# The optimisers without a fused kernel: reference math over the same flat buffers.
+from loft._optim_extra import (  # noqa: E402 - they subclass _FlatOptimizer above
+    DifferentiableAdadelta,
+    DifferentiableAdagrad,
+    DifferentiableAdamax,
+    DifferentiableASGD,
+    DifferentiableRMSprop,
+    DifferentiableRprop,
+)
+
 _OPT_MAPPING: dict[type, type[DifferentiableOptimizer]] = {
     torch.optim.SGD: DifferentiableSGD,
     torch.optim.Adam: DifferentiableAdam,
     torch.optim.AdamW: DifferentiableAdamW,
+    torch.optim.Adagrad: DifferentiableAdagrad,
+    torch.optim.Adadelta: DifferentiableAdadelta,
+    torch.optim.Adamax: DifferentiableAdamax,
+    torch.optim.ASGD: DifferentiableASGD,
+    torch.optim.RMSprop: DifferentiableRMSprop,
+    torch.optim.Rprop: DifferentiableRprop,
 }
 
 
