@@ -1,0 +1,150 @@
+// Argument checks shared by every backend (csrc/cpu/, csrc/cuda/): each names the op and
+// the argument (docs/ops.md, "Common arguments"). Torch-only, device-agnostic: the checks
+// of tensor metadata read no tensor memory, and the checks of values (group_flags bits,
+// the segment table) read a host pointer the backend supplies: the tensor's own data on
+// the CPU, a host copy of the (tiny) device tensor on CUDA.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+
+#include "segments.h"
+
+namespace loft {
+
+/// The checked view of a segment table: the rows (on the host) and the number of
+/// elements and groups they were validated against.
+struct Segments {
+  const int64_t* rows;
+  int64_t count;
+  int64_t numel;
+  int64_t groups;
+
+  int64_t offset(int64_t s) const { return rows[s * kSegmentColumns + kSegmentOffset]; }
+  int64_t size(int64_t s) const { return rows[s * kSegmentColumns + kSegmentNumel]; }
+  int64_t group(int64_t s) const { return rows[s * kSegmentColumns + kSegmentGroup]; }
+  int64_t step(int64_t s) const { return rows[s * kSegmentColumns + kSegmentStep]; }
+  bool active(int64_t s) const { return rows[s * kSegmentColumns + kSegmentActive] != 0; }
+};
+
+/// params: a 1-D contiguous floating tensor (float64, float32, float16 or bfloat16).
+inline void check_params(const char* op, const at::Tensor& params) {
+  TORCH_CHECK(params.dim() == 1, op, ": params must be 1-D, got shape ", params.sizes());
+  TORCH_CHECK(params.is_contiguous(), op, ": params must be contiguous");
+  const auto dtype = params.scalar_type();
+  TORCH_CHECK(
+      dtype == at::kDouble || dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+      op, ": params must be float64, float32, float16 or bfloat16, got ", dtype);
+}
+
+/// A buffer of the bucket: 1-D, contiguous, the dtype and device of params, with
+/// params.numel() elements, or also 0 elements when `may_be_empty` (optional state
+/// buffers, upstream gradients).
+inline void check_buffer(const char* op, const char* name, const at::Tensor& t,
+                         const at::Tensor& params, bool may_be_empty) {
+  TORCH_CHECK(t.dim() == 1, op, ": ", name, " must be 1-D, got shape ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == params.scalar_type(), op, ": ", name, " must have dtype ",
+              params.scalar_type(), " (the dtype of params), got ", t.scalar_type());
+  TORCH_CHECK(t.device() == params.device(), op, ": ", name, " must be on ", params.device(),
+              " (the device of params), got ", t.device());
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
+  const int64_t n = params.numel();
+  if (may_be_empty) {
+    TORCH_CHECK(t.numel() == n || t.numel() == 0, op, ": ", name, " must have ", n,
+                " or 0 elements, got ", t.numel());
+  } else {
+    TORCH_CHECK(t.numel() == n, op, ": ", name, " must have ", n, " elements, got ", t.numel());
+  }
+}
+
+/// group_flags metadata: int64 [G] contiguous on the device of params. Returns G.
+inline int64_t check_group_flags_layout(const char* op, const at::Tensor& group_flags,
+                                        const at::Tensor& params) {
+  TORCH_CHECK(group_flags.dim() == 1, op, ": group_flags must be 1-D, got shape ",
+              group_flags.sizes());
+  TORCH_CHECK(group_flags.scalar_type() == at::kLong, op,
+              ": group_flags must have dtype int64, got ", group_flags.scalar_type());
+  TORCH_CHECK(group_flags.device() == params.device(), op, ": group_flags must be on ",
+              params.device(), " (the device of params), got ", group_flags.device());
+  TORCH_CHECK(group_flags.is_contiguous(), op, ": group_flags must be contiguous");
+  return group_flags.numel();
+}
+
+/// group_flags values (on the host): every value a subset of `all_flags`.
+inline void check_group_flags_values(const char* op, const int64_t* flags, int64_t groups,
+                                     int64_t all_flags) {
+  for (int64_t i = 0; i < groups; ++i) {
+    TORCH_CHECK((flags[i] & ~all_flags) == 0, op, ": group_flags[", i, "] = ", flags[i],
+                " has bits outside ", all_flags);
+  }
+}
+
+/// A hyperparameter: [G], float64 for float64 buffers and float32 otherwise, contiguous,
+/// on the device of params.
+inline void check_hyper(const char* op, const char* name, const at::Tensor& t,
+                        const at::Tensor& params, int64_t groups) {
+  const auto want = params.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(t.dim() == 1, op, ": ", name, " must be 1-D, got shape ", t.sizes());
+  TORCH_CHECK(t.numel() == groups, op, ": ", name, " must have ", groups,
+              " elements (one per group, as group_flags), got ", t.numel());
+  TORCH_CHECK(t.scalar_type() == want, op, ": ", name, " must have dtype ", want, " for ",
+              params.scalar_type(), " params, got ", t.scalar_type());
+  TORCH_CHECK(t.device() == params.device(), op, ": ", name, " must be on ", params.device(),
+              " (the device of params), got ", t.device());
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
+}
+
+/// segments metadata: int64 [S, 5] contiguous on the device of params.
+inline void check_segments_layout(const char* op, const at::Tensor& segments,
+                                  const at::Tensor& params) {
+  TORCH_CHECK(segments.dim() == 2 && segments.size(1) == kSegmentColumns, op,
+              ": segments must have shape [S, 5], got ", segments.sizes());
+  TORCH_CHECK(segments.scalar_type() == at::kLong, op, ": segments must have dtype int64, got ",
+              segments.scalar_type());
+  TORCH_CHECK(segments.device() == params.device(), op, ": segments must be on ", params.device(),
+              " (the device of params), got ", segments.device());
+  TORCH_CHECK(segments.is_contiguous(), op, ": segments must be contiguous");
+}
+
+/// segments values (the `count` rows, on the host): tiling [0, numel) in order, with
+/// 0 <= group < G, step >= 0 and active in {0, 1}.
+inline Segments check_segments_values(const char* op, const int64_t* rows, int64_t count,
+                                      int64_t numel, int64_t groups) {
+  Segments seg{rows, count, numel, groups};
+  int64_t end = 0;  // where the next row must start
+  for (int64_t s = 0; s < seg.count; ++s) {
+    TORCH_CHECK(seg.offset(s) == end, op, ": segments row ", s, " has offset ", seg.offset(s),
+                ", expected ", end, " (rows must tile params in order)");
+    TORCH_CHECK(seg.size(s) >= 0, op, ": segments row ", s, " has numel ", seg.size(s),
+                ", expected >= 0");
+    TORCH_CHECK(seg.size(s) <= seg.numel - end, op, ": segments row ", s, " ends at ", end, " + ",
+                seg.size(s), ", past the ", seg.numel, " elements of params");
+    TORCH_CHECK(seg.group(s) >= 0 && seg.group(s) < groups, op, ": segments row ", s, " has group ",
+                seg.group(s), ", expected 0 <= group < ", groups);
+    TORCH_CHECK(seg.step(s) >= 0, op, ": segments row ", s, " has step ", seg.step(s),
+                ", expected >= 0");
+    const int64_t active = seg.rows[s * kSegmentColumns + kSegmentActive];
+    TORCH_CHECK(active == 0 || active == 1, op, ": segments row ", s, " has active ", active,
+                ", expected 0 or 1");
+    end += seg.size(s);
+  }
+  TORCH_CHECK(end == seg.numel, op, ": segments cover ", end, " elements, but params has ",
+              seg.numel, " (rows must tile params in order)");
+  return seg;
+}
+
+/// An optional state buffer passed with 0 elements is an error when some group whose
+/// flags (`flags`, on the host) include `flag` has an active segment with elements.
+inline void check_optional_needed(const char* op, const char* name, const at::Tensor& buffer,
+                                  const Segments& seg, const int64_t* flags, int64_t flag,
+                                  const char* flag_name) {
+  if (buffer.numel() != 0 || seg.numel == 0) return;
+  for (int64_t s = 0; s < seg.count; ++s) {
+    TORCH_CHECK(!(seg.active(s) && seg.size(s) > 0 && (flags[seg.group(s)] & flag)), op, ": ", name,
+                " has 0 elements, but group ", seg.group(s), " uses ", flag_name,
+                " and has an active segment (row ", s, ")");
+  }
+}
+
+}  // namespace loft

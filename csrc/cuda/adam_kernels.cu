@@ -1,0 +1,297 @@
+// CUDA kernels of loft::adam_step and loft::adam_step_backward (contract and math:
+// docs/ops.md, "Adam / AdamW"; per-element math: csrc/adam_math.h; memory walk:
+// tiles.cuh). Torch-free: the registration with checks is csrc/cuda/ops_cuda.cpp.
+#include <cstdint>
+
+#include "../adam_math.h"
+#include "launchers.h"
+#include "tiles.cuh"
+
+namespace loft {
+namespace cuda {
+namespace {
+
+/// The float64 scalars of one segment (four pow calls): not inlined, so that the large
+/// libdevice pow is compiled once rather than into every kernel (thread 0 calls it once
+/// per run of tiles of a segment, its cost is the call).
+__device__ __noinline__ AdamScalars<double> adam_scalars_f64(double lr, double beta1,
+                                                              double beta2, double eps,
+                                                              double weight_decay, int64_t flags,
+                                                              int64_t step) {
+  return adam_segment_scalars(lr, beta1, beta2, eps, weight_decay, flags, step);
+}
+
+template <typename S>
+struct AdamHyperOf {
+  const compute_t<S>* lr;
+  const compute_t<S>* beta1;
+  const compute_t<S>* beta2;
+  const compute_t<S>* eps;
+  const compute_t<S>* weight_decay;
+  const int64_t* flags;
+
+  AdamHyperOf(const AdamHyper& h)
+      : lr(static_cast<const compute_t<S>*>(h.lr)),
+        beta1(static_cast<const compute_t<S>*>(h.beta1)),
+        beta2(static_cast<const compute_t<S>*>(h.beta2)),
+        eps(static_cast<const compute_t<S>*>(h.eps)),
+        weight_decay(static_cast<const compute_t<S>*>(h.weight_decay)),
+        flags(h.group_flags) {}
+
+  /// The scalars of a segment of group g with `step` earlier updates (bias corrections
+  /// in double, as the CPU op), cast to compute_t<S>.
+  __device__ AdamScalars<compute_t<S>> scalars(int64_t g, int64_t step) const {
+    return adam_scalars_f64(lr[g], beta1[g], beta2[g], eps[g], weight_decay[g], flags[g], step)
+        .template cast<compute_t<S>>();
+  }
+};
+
+template <typename S>
+struct ForwardArgs {
+  DeviceSegments seg;
+  AdamHyperOf<S> hyper;
+  const S* p;
+  const S* g;
+  const S* m;
+  const S* v;
+  const S* vmax;  // nullptr: no max_exp_avg_sq
+  S* p_out;
+  S* m_out;
+  S* v_out;
+  S* vmax_out;
+  bool aligned;
+};
+
+template <typename S>
+struct BackwardArgs {
+  DeviceSegments seg;
+  AdamHyperOf<S> hyper;
+  const S* P;  // nullptr: a zero upstream gradient
+  const S* M;
+  const S* V;
+  const S* X;
+  const S* p;
+  const S* g;
+  const S* m;
+  const S* v;
+  const S* vmax;
+  S* grad_p;
+  S* grad_g;
+  S* grad_m;
+  S* grad_v;
+  S* grad_vmax;
+  int64_t mask;
+  int64_t groups;
+  double* partials;
+  bool aligned;
+};
+
+/// Forward over [lo, hi) of an active segment; without amsgrad, vmax (if any) is copied
+/// through.
+template <bool kAmsgrad, bool kDecoupled, typename S>
+__device__ __forceinline__ void forward_range(const ForwardArgs<S>& a, int64_t lo, int64_t hi,
+                                              bool vector, const AdamScalars<compute_t<S>>& s) {
+  using T = compute_t<S>;
+  walk<S>(lo, hi, [&](int64_t i, int valid) {
+    const Pack<S> p = load_pack(a.p, i, valid, vector);
+    const Pack<S> g = load_pack(a.g, i, valid, vector);
+    const Pack<S> m = load_pack(a.m, i, valid, vector);
+    const Pack<S> v = load_pack(a.v, i, valid, vector);
+    const Pack<S> vmax = load_pack(a.vmax, i, valid, vector);
+    Pack<S> p_out, m_out, v_out, vmax_out;
+#pragma unroll
+    for (int e = 0; e < kVec<S>; ++e) {
+      T p_new, m_new, v_new, vmax_new;
+      adam_forward<kAmsgrad, kDecoupled>(to_compute(p.v[e]), to_compute(g.v[e]),
+                                         to_compute(m.v[e]), to_compute(v.v[e]),
+                                         to_compute(vmax.v[e]), s, p_new, m_new, v_new, vmax_new);
+      p_out.v[e] = from_compute<S>(p_new);
+      m_out.v[e] = from_compute<S>(m_new);
+      v_out.v[e] = from_compute<S>(v_new);
+      vmax_out.v[e] = kAmsgrad ? from_compute<S>(vmax_new) : vmax.v[e];
+    }
+    store_pack(a.p_out, i, p_out, valid, vector);
+    store_pack(a.m_out, i, m_out, valid, vector);
+    store_pack(a.v_out, i, v_out, valid, vector);
+    store_pack(a.vmax_out, i, vmax_out, valid, vector);
+  });
+}
+
+template <typename S>
+__global__ void __launch_bounds__(kThreads) adam_step_kernel(const ForwardArgs<S> a) {
+  using T = compute_t<S>;
+  __shared__ AdamScalars<T> slot;
+  __shared__ int64_t slot_segment;
+  if (threadIdx.x == 0) slot_segment = -1;
+  __syncthreads();
+  for_each_overlap(a.seg, a.aligned, [&](int64_t s, const int64_t* row, int64_t lo, int64_t hi,
+                                         bool vector) {
+    if (row[kSegmentActive] == 0) {  // copied through
+      copy_range(a.p_out, a.p, lo, hi, vector);
+      copy_range(a.m_out, a.m, lo, hi, vector);
+      copy_range(a.v_out, a.v, lo, hi, vector);
+      copy_range(a.vmax_out, a.vmax, lo, hi, vector);
+      return;
+    }
+    const int64_t group = row[kSegmentGroup];
+    const int64_t step = row[kSegmentStep];
+    const AdamScalars<T> scalars =
+        block_scalars(slot, slot_segment, s, [&] { return a.hyper.scalars(group, step); });
+    const int64_t f = a.hyper.flags[group];
+    with_bool((f & kAdamAmsgrad) != 0, [&](auto kAmsgrad) {
+      with_bool((f & kAdamDecoupled) != 0, [&](auto kDecoupled) {
+        forward_range<decltype(kAmsgrad)::value, decltype(kDecoupled)::value>(a, lo, hi, vector,
+                                                                              scalars);
+      });
+    });
+  });
+}
+
+/// Backward over [lo, hi) of an active segment; adds this thread's hyperparameter terms
+/// (lr, beta1, beta2, eps, weight_decay) to acc (computed even when none is wanted: a
+/// few multiplies in a memory-bound loop, half the specialisations to compile). Without
+/// amsgrad, X passes through as the gradient of vmax (vmax itself is not read).
+template <bool kAmsgrad, bool kDecoupled, typename S>
+__device__ __forceinline__ void backward_range(const BackwardArgs<S>& a, int64_t lo, int64_t hi,
+                                               bool vector, const AdamScalars<compute_t<S>>& s,
+                                               compute_t<S> (&acc)[kAdamNumHyper]) {
+  using T = compute_t<S>;
+  const S* vmax_in = kAmsgrad ? a.vmax : nullptr;
+  walk<S>(lo, hi, [&](int64_t i, int valid) {
+    const Pack<S> P = load_pack(a.P, i, valid, vector);
+    const Pack<S> M = load_pack(a.M, i, valid, vector);
+    const Pack<S> V = load_pack(a.V, i, valid, vector);
+    const Pack<S> X = load_pack(a.X, i, valid, vector);
+    const Pack<S> p = load_pack(a.p, i, valid, vector);
+    const Pack<S> g = load_pack(a.g, i, valid, vector);
+    const Pack<S> m = load_pack(a.m, i, valid, vector);
+    const Pack<S> v = load_pack(a.v, i, valid, vector);
+    const Pack<S> vmax = load_pack(vmax_in, i, valid, vector);
+    Pack<S> gp, gg, gm, gv, gx;
+#pragma unroll
+    for (int e = 0; e < kVec<S>; ++e) {
+      const AdamElementGrads<T> r = adam_backward<kAmsgrad, kDecoupled>(
+          to_compute(P.v[e]), to_compute(M.v[e]), to_compute(V.v[e]), to_compute(X.v[e]),
+          to_compute(p.v[e]), to_compute(g.v[e]), to_compute(m.v[e]), to_compute(v.v[e]),
+          to_compute(vmax.v[e]), s);
+      gp.v[e] = from_compute<S>(r.params);
+      gg.v[e] = from_compute<S>(r.grads);
+      gm.v[e] = from_compute<S>(r.exp_avg);
+      gv.v[e] = from_compute<S>(r.exp_avg_sq);
+      gx.v[e] = kAmsgrad ? from_compute<S>(r.max_exp_avg_sq) : X.v[e];
+      if (e < valid) {
+        acc[0] += r.lr;
+        acc[1] += r.beta1;
+        acc[2] += r.beta2;
+        acc[3] += r.eps;
+        acc[4] += r.weight_decay;
+      }
+    }
+    store_pack(a.grad_p, i, gp, valid, vector);
+    store_pack(a.grad_g, i, gg, valid, vector);
+    store_pack(a.grad_m, i, gm, valid, vector);
+    store_pack(a.grad_v, i, gv, valid, vector);
+    store_pack(a.grad_vmax, i, gx, valid, vector);
+  });
+}
+
+template <typename S>
+__global__ void __launch_bounds__(kThreads) adam_step_backward_kernel(const BackwardArgs<S> a) {
+  using T = compute_t<S>;
+  __shared__ AdamScalars<T> slot;
+  __shared__ int64_t slot_segment;
+  __shared__ double red[kWarps][kMaxHyper];
+  if (threadIdx.x == 0) slot_segment = -1;
+  if (a.mask != 0) zero_block_slice(a.partials, a.groups, kAdamNumHyper);
+  __syncthreads();
+  for_each_overlap(a.seg, a.aligned, [&](int64_t s, const int64_t* row, int64_t lo, int64_t hi,
+                                         bool vector) {
+    if (row[kSegmentActive] == 0) {  // upstream gradients pass through, grads get zero
+      copy_range(a.grad_p, a.P, lo, hi, vector);
+      copy_range(a.grad_g, static_cast<const S*>(nullptr), lo, hi, vector);
+      copy_range(a.grad_m, a.M, lo, hi, vector);
+      copy_range(a.grad_v, a.V, lo, hi, vector);
+      copy_range(a.grad_vmax, a.X, lo, hi, vector);
+      return;
+    }
+    const int64_t group = row[kSegmentGroup];
+    const int64_t step = row[kSegmentStep];
+    const AdamScalars<T> scalars =
+        block_scalars(slot, slot_segment, s, [&] { return a.hyper.scalars(group, step); });
+    const int64_t f = a.hyper.flags[group];
+    T acc[kAdamNumHyper] = {};
+    with_bool((f & kAdamAmsgrad) != 0, [&](auto kAmsgrad) {
+      with_bool((f & kAdamDecoupled) != 0, [&](auto kDecoupled) {
+        backward_range<decltype(kAmsgrad)::value, decltype(kDecoupled)::value>(
+            a, lo, hi, vector, scalars, acc);
+      });
+    });
+    if (a.mask != 0) {
+      double sums[kAdamNumHyper];
+#pragma unroll
+      for (int k = 0; k < kAdamNumHyper; ++k) sums[k] = static_cast<double>(acc[k]);
+      double* slice =
+          a.partials + (static_cast<int64_t>(blockIdx.x) * a.groups + group) * kAdamNumHyper;
+      block_add(sums, a.mask, slice, red);
+    }
+  });
+}
+
+}  // namespace
+
+void launch_adam_step(DType dtype, const DeviceSegments& segments, const AdamHyper& hyper,
+                      const AdamStepBuffers& buffers, cudaStream_t stream) {
+  const int64_t blocks = grid_blocks(segments.numel);
+  if (blocks == 0) return;
+  dispatch_dtype(dtype, [&](auto tag) {
+    using S = decltype(tag);
+    const ForwardArgs<S> args{segments,
+                              AdamHyperOf<S>(hyper),
+                              static_cast<const S*>(buffers.params),
+                              static_cast<const S*>(buffers.grads),
+                              static_cast<const S*>(buffers.exp_avg),
+                              static_cast<const S*>(buffers.exp_avg_sq),
+                              static_cast<const S*>(buffers.max_exp_avg_sq),
+                              static_cast<S*>(buffers.params_out),
+                              static_cast<S*>(buffers.exp_avg_out),
+                              static_cast<S*>(buffers.exp_avg_sq_out),
+                              static_cast<S*>(buffers.max_exp_avg_sq_out),
+                              buffers.aligned};
+    adam_step_kernel<S><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(args);
+  });
+}
+
+void launch_adam_step_backward(DType dtype, const DeviceSegments& segments,
+                               const AdamHyper& hyper, const AdamBackwardBuffers& buffers,
+                               int64_t mask, int64_t groups, double* partials,
+                               cudaStream_t stream) {
+  const int64_t blocks = grid_blocks(segments.numel);
+  if (blocks == 0) return;
+  dispatch_dtype(dtype, [&](auto tag) {
+    using S = decltype(tag);
+    const BackwardArgs<S> args{segments,
+                               AdamHyperOf<S>(hyper),
+                               static_cast<const S*>(buffers.grad_params_out),
+                               static_cast<const S*>(buffers.grad_exp_avg_out),
+                               static_cast<const S*>(buffers.grad_exp_avg_sq_out),
+                               static_cast<const S*>(buffers.grad_max_exp_avg_sq_out),
+                               static_cast<const S*>(buffers.params),
+                               static_cast<const S*>(buffers.grads),
+                               static_cast<const S*>(buffers.exp_avg),
+                               static_cast<const S*>(buffers.exp_avg_sq),
+                               static_cast<const S*>(buffers.max_exp_avg_sq),
+                               static_cast<S*>(buffers.grad_params),
+                               static_cast<S*>(buffers.grad_grads),
+                               static_cast<S*>(buffers.grad_exp_avg),
+                               static_cast<S*>(buffers.grad_exp_avg_sq),
+                               static_cast<S*>(buffers.grad_max_exp_avg_sq),
+                               mask,
+                               groups,
+                               partials,
+                               buffers.aligned};
+    adam_step_backward_kernel<S><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(args);
+  });
+}
+
+}  // namespace cuda
+}  // namespace loft
