@@ -173,7 +173,20 @@ def load() -> bool:
         try:
             if not (src / "ops.cpp").is_file():
                 raise RuntimeError(f"loft's C++ sources were not found (looked in {src})")
-            _build_and_load(src, cuda)
+            try:
+                _build_and_load(src, cuda)
+            except Exception as cuda_error:  # noqa: BLE001
+                if not cuda:
+                    raise
+                # A CUDA build problem must not cost the CPU kernels: build those alone.
+                warnings.warn(
+                    "loft could not build its CUDA ops; CUDA tensors use the reference path. "
+                    f"Compiler output:\n{_last_lines(str(cuda_error))}",
+                    UserWarning,
+                    stacklevel=2,
+                )
+                cuda = False
+                _build_and_load(src, cuda)
         except Exception as error:  # noqa: BLE001 - any failure means the fallback
             detail = _last_lines(str(error))
             _STATE.update(loaded=False, reason=f"the C++ build failed: {detail}")
