@@ -370,6 +370,14 @@ class _FlatOptimizer(DifferentiableOptimizer):
                         if not self._track_higher_grads:
                             view = view.detach().requires_grad_()
                         new_params[i] = view
+        if not self._track_higher_grads:
+            # Test mode, as higher: every parameter of a group comes back detached, also
+            # one that got no gradient (it may still hang on the initial weights' graph).
+            for group_indices in self._group_to_param_list:
+                for i in group_indices:
+                    if new_params[i].grad_fn is not None:
+                        new_params[i] = new_params[i].detach().requires_grad_(
+                            new_params[i].requires_grad)
         self._last_params = list(new_params)
         return new_params
 
