@@ -177,6 +177,40 @@ class DifferentiableOptimizer:
             self._fmodel.update_params(new_params)
         return new_params
 
+    def state_dict(self) -> dict[str, Any]:
+        """The state in ``torch.optim.Optimizer.state_dict()``'s format (higher HEAD's
+        ``DifferentiableOptimizer.state_dict``), so that
+        ``opt.load_state_dict(diffopt.state_dict())`` carries an inner loop's moments,
+        step counts and (learned, as numbers) hyperparameters back to ``opt``."""
+        state: dict[int, dict[str, Any]] = {}
+        groups = []
+        index = 0
+        for g, (group, mapping) in enumerate(zip(self.param_groups, self._group_to_param_list)):
+            ids = []
+            for j in range(len(mapping)):
+                entry = self.state[g].get(j)
+                exported = self._export_state(entry) if entry else None
+                if exported:
+                    state[index] = exported
+                ids.append(index)
+                index += 1
+            copied = {k: _to_numbers(v) for k, v in group.items() if k != "params"}
+            copied["params"] = ids
+            groups.append(copied)
+        return {"state": state, "param_groups": groups}
+
+    def _export_state(self, entry: dict[str, Any]) -> dict[str, Any] | None:
+        """One tensor's state as torch.optim keeps it (detached copies; ``step`` as the
+        float tensor torch uses). ``None``: torch would have no state for it yet."""
+        if "step" in entry and not isinstance(entry["step"], Tensor) and entry["step"] == 0:
+            return None
+        out = {}
+        for key, value in entry.items():
+            if key == "step" and not isinstance(value, Tensor):
+                value = torch.tensor(float(value))
+            out[key] = value.detach().clone() if isinstance(value, Tensor) else value
+        return out
+
     # ---- higher's per-tensor extension point ----------------------------------------------
 
     def _update(self, grouped_grads: list[list[Tensor | None]], **kwargs: Any) -> None:
@@ -399,6 +433,12 @@ class DifferentiableSGD(_FlatOptimizer):
         # torch.optim.SGD keeps no step count: a momentum buffer means "not the first step".
         return 1 if state.get("momentum_buffer") is not None else 0
 
+    def _export_state(self, entry: dict[str, Any]) -> dict[str, Any] | None:
+        exported = super()._export_state(entry)
+        if exported is None or "momentum_buffer" not in exported:
+            return None
+        return {"momentum_buffer": exported["momentum_buffer"]}
+
     def _group_hyper(self, group: dict[str, Any]) -> dict[str, Any]:
         return {
             "lr": group["lr"],
@@ -614,11 +654,26 @@ def apply_trainable_opt_params(opt: torch.optim.Optimizer, override: _Override) 
 
 
 def _apply_structure(replacement: Any, target: Any) -> Any:
-    """``replacement``'s values in ``target``'s structure, tensors turned into numbers."""
+    """``replacement``'s values in ``target``'s structure and leaf types: a tensor
+    replacing a number becomes a number of the same type (``bool``, ``int``, ``float``);
+    a tensor replacing a tensor is copied into it."""
+    if isinstance(target, Tensor) and isinstance(replacement, Tensor):
+        with torch.no_grad():
+            target.copy_(replacement.to(target.device))
+        return target
     if isinstance(target, (list, tuple)):
+        if not isinstance(replacement, (list, tuple)):
+            raise ValueError(f"expected a {type(target).__name__} to replace {target!r}, got "
+                             f"{type(replacement).__name__}")
         return type(target)(_apply_structure(r, t) for r, t in zip(replacement, target))
     if isinstance(target, dict):
         return {k: _apply_structure(replacement[k], v) for k, v in target.items()}
     if isinstance(replacement, Tensor):
-        return replacement.item()
+        return type(target)(replacement.item())
     return replacement
+
+
+def _to_numbers(value: Any) -> Any:
+    """Hyperparameters for a torch optimiser: tensors become Python numbers."""
+    return _utils._recursive_map(
+        value, lambda x: x.item() if isinstance(x, Tensor) and x.numel() == 1 else x)

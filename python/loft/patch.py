@@ -333,6 +333,23 @@ class FunctionalModule(_PatchedView, nn.Module):
         for i in range(len(self)):
             yield self._getitem(i)
 
+    def state_dict(self, *args: Any, destination: Any = None, prefix: str = "",
+                   keep_vars: bool = False) -> dict[str, Any]:
+        """The original module's state dict with the latest fast weights and the patched
+        buffers, so that ``model.load_state_dict(fmodel.state_dict())`` keeps the
+        result of an inner loop (higher HEAD's behaviour)."""
+        index = dict(self._entries)
+        buffers = dict(self._target.named_buffers())
+        fast = self.fast_params
+        out = {} if destination is None else destination
+        for key, value in self._source.state_dict(keep_vars=True).items():
+            if key in index and fast is not None:
+                value = fast[index[key]]
+            elif key in buffers:
+                value = buffers[key]
+            out[prefix + key] = value if keep_vars else value.detach()
+        return out
+
     def patched_buffers(self) -> Iterator[tuple[str, Tensor]]:
         """The patched module's own buffers (BatchNorm statistics, ...), by name."""
         return self._target.named_buffers()
