@@ -291,8 +291,8 @@ def test_every_optimizer_state_dict_continues_in_torch(opt_type: type, kwargs: d
         twin_opt.zero_grad()
         twin(x).pow(2).sum().backward()
         twin_opt.step()
-    # torch keeps ASGD's eta and mu as float32 scalars under the default dtype: its third
-    # step then differs from loft's float64 eta by about 1e-9 relative.
-    rtol = 1e-8 if opt_type is torch.optim.ASGD else 1e-10
+    # torch keeps ASGD's eta and mu as float32 scalars under the default dtype: its steps
+    # then differ from loft's float64 eta within float32's epsilon (1.2e-7) relative.
+    rtol = 5e-7 if opt_type is torch.optim.ASGD else 1e-10
     for p, q in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(p, q, rtol=rtol, atol=1e-12)
