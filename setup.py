@@ -64,7 +64,9 @@ class build_py_with_csrc(build_py):
         return super().get_source_files() + [str(p) for p in csrc_files()]
 
 
-TEST_REQUIRES = ["pytest", "pytest-benchmark", "higher==0.2.1", "numpy", "hypothesis"]
+# pillow: the Omniglot loader test writes and reads real PNGs; matplotlib: the bench plot.
+TEST_REQUIRES = ["pytest", "pytest-benchmark", "higher==0.2.1", "numpy", "hypothesis", "pillow",
+                 "matplotlib"]
 
 setup(
     name="loft",
