@@ -1,0 +1,106 @@
+"""``python -m loft.bench``: run the benchmark suite and write the table, JSON and plot.
+
+Every measurement runs in a fresh process (``python -m loft.bench._worker``) with a
+fixed thread count, after a warm-up; the medians of ``--repeats`` runs are reported.
+See :mod:`loft.bench` for what is measured and how.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from collections.abc import Sequence
+
+from loft.bench.suite import (
+    DEFAULT_MODELS,
+    DEFAULT_OPTIMIZERS,
+    DEFAULT_STEPS,
+    QUICK,
+    run_suite,
+)
+
+
+def _names(values: Sequence[str] | None) -> list[str] | None:
+    """``["A,B", "C"]`` -> ``["A", "B", "C"]`` (commas or spaces both work)."""
+    if values is None:
+        return None
+    return [part for value in values for part in value.split(",") if part]
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m loft.bench",
+        description="Benchmark loft's differentiable inner loops against loft's reference "
+                    "path, a per-tensor PyTorch loop and higher.")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default: cpu)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch/OpenMP/MKL threads per worker (default: 1)")
+    parser.add_argument("--models", nargs="+", metavar="M",
+                        help=f"models (default: {' '.join(DEFAULT_MODELS)}; --quick: A)")
+    parser.add_argument("--optimizers", nargs="+", metavar="O",
+                        help=f"inner optimisers (default: {' '.join(DEFAULT_OPTIMIZERS)})")
+    parser.add_argument("--steps", nargs="+", type=int, metavar="T",
+                        help=f"numbers of inner steps (default: "
+                             f"{' '.join(map(str, DEFAULT_STEPS))}; --quick: "
+                             f"{' '.join(map(str, QUICK['steps']))})")
+    parser.add_argument("--repeats", type=int,
+                        help="timed runs per measurement, median reported (default: 5; --quick: 3)")
+    parser.add_argument("--implementations", nargs="+", metavar="I",
+                        help="subset of: loft loft-reference per-tensor higher "
+                             "(default: all; higher if installed)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a short run (under a minute on a quiet machine): model A, "
+                             "T = 50, 3 repeats")
+    parser.add_argument("--no-floor", action="store_true", help="skip the bare-floor runs")
+    parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--timeout", type=float, default=600.0,
+                        help="seconds before a worker is abandoned (default: 600)")
+    parser.add_argument("--time-budget", type=float, default=20.0,
+                        help="seconds of timed runs per measurement: slow ones take fewer "
+                             "repeats (at least 1; default: 20)")
+    parser.add_argument("--out", default="loft-bench",
+                        help="output directory (default: ./loft-bench/)")
+    args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    if args.repeats is not None and args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
+    if args.steps is not None and min(args.steps) < 1:
+        parser.error(f"--steps must be >= 1, got {args.steps}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    defaults = QUICK if args.quick else {"models": DEFAULT_MODELS,
+                                         "optimizers": DEFAULT_OPTIMIZERS,
+                                         "steps": DEFAULT_STEPS, "repeats": 5}
+    try:
+        result = run_suite(
+            models=_names(args.models) or defaults["models"],
+            optimizers=_names(args.optimizers) or defaults["optimizers"],
+            steps=args.steps or defaults["steps"],
+            implementations=_names(args.implementations),
+            repeats=args.repeats or defaults["repeats"],
+            device=args.device,
+            threads=args.threads,
+            floor=not args.no_floor,
+            progress=not args.no_progress,
+            timeout=args.timeout,
+            command=shlex.join(["python", "-m", "loft.bench", *argv]),
+            time_budget_s=args.time_budget,
+        )
+    except ValueError as exc:
+        print(f"loft.bench: {exc}", file=sys.stderr)
+        return 2
+    print(result.table())
+    paths = result.save(args.out, plot=not args.no_plot)
+    print("\nwrote " + ", ".join(str(p) for p in paths.values()))
+    return 1 if result.errors and len(result.errors) == len(result.records) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
