@@ -134,6 +134,17 @@ class _PatchedView:
         self._root.update_params(fast)
         return True
 
+    # Container protocol (Sequential, ModuleList): items come back patched.
+    def __getitem__(self, key: Any) -> Any:
+        return self._getitem(key)
+
+    def __len__(self) -> int:
+        return len(self._target)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[Any]:
+        for i in range(len(self)):
+            yield self._getitem(i)
+
     def _getitem(self, key: Any) -> Any:
         item = self._target[key]
         if isinstance(item, nn.Module):
@@ -162,16 +173,6 @@ class _PatchedSubmodule(_PatchedView):
     def __setattr__(self, name: str, value: Any) -> None:
         if not self._set(name, value):
             setattr(self._target, name, value)
-
-    def __getitem__(self, key: Any) -> Any:
-        return self._getitem(key)
-
-    def __len__(self) -> int:
-        return len(self._target)  # type: ignore[arg-type]
-
-    def __iter__(self) -> Iterator[Any]:
-        for i in range(len(self)):
-            yield self._getitem(i)
 
     def parameters(self, recurse: bool = True) -> Iterator[Tensor]:
         """This submodule's current fast weights (each shared tensor once)."""
@@ -322,16 +323,6 @@ class FunctionalModule(_PatchedView, nn.Module):
         if "_target" in self.__dict__ and self._set(name, value):
             return
         nn.Module.__setattr__(self, name, value)
-
-    def __getitem__(self, key: Any) -> Any:
-        return self._getitem(key)
-
-    def __len__(self) -> int:
-        return len(self._target)  # type: ignore[arg-type]
-
-    def __iter__(self) -> Iterator[Any]:
-        for i in range(len(self)):
-            yield self._getitem(i)
 
     def state_dict(self, *args: Any, destination: Any = None, prefix: str = "",
                    keep_vars: bool = False) -> dict[str, Any]:
