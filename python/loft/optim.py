@@ -327,8 +327,8 @@ class _FlatOptimizer(DifferentiableOptimizer):
         Built anew whenever a group holds a tensor (it may require grad, and the graph
         needs a fresh node per step); all-number settings are cached until they change.
         """
-        values = {name: [self._group_hyper(g)[name] for g in self.param_groups]
-                  for name in self._hyper_names}
+        per_group = [self._group_hyper(g) for g in self.param_groups]
+        values = {name: [h[name] for h in per_group] for name in self._hyper_names}
         numbers = not any(isinstance(v, Tensor) for vs in values.values() for v in vs)
         key = (b.device, b.dtype, tuple(flags),
                tuple(tuple(vs) for vs in values.values())) if numbers else None
@@ -347,12 +347,18 @@ class _FlatOptimizer(DifferentiableOptimizer):
         self._buckets = make_buckets(params, self._group_of)
         self._flat_params = [b.flatten([params[i] for i in b.indices]) for b in self._buckets]
         self._last_params = list(params)
+        # The optional buffer (``_optional_state``) starts with 0 elements unless a group
+        # needs it; a later override that turns it on allocates it in _flat_update.
+        skip_optional = bool(self._optional_state) and not self._needs_optional(
+            [self._group_flags(g) for g in self.param_groups])
         self._flat_state = []
         for b in self._buckets:
             state = {}
             for name in self._state_names:
-                parts = [self._init_state[i].get(name) for i in b.indices]
-                state[name] = b.flatten(parts)
+                if skip_optional and name == self._optional_state:
+                    state[name] = torch.empty(0, dtype=b.dtype, device=b.device)
+                else:
+                    state[name] = b.flatten([self._init_state[i].get(name) for i in b.indices])
             self._flat_state.append(state)
 
     def _flat_update(self, params: list[Tensor], grads: list[Tensor | None]) -> list[Tensor]:
@@ -460,13 +466,6 @@ class DifferentiableSGD(_FlatOptimizer):
     def _needs_optional(self, flags: list[int]) -> bool:
         return any(f & reference.SGD_MOMENTUM for f in flags)
 
-    def _setup(self, params: list[Tensor]) -> None:
-        super()._setup(params)
-        flags = [self._group_flags(g) for g in self.param_groups]
-        if not self._needs_optional(flags):
-            for st in self._flat_state:
-                st["momentum_buffer"] = st["momentum_buffer"].new_empty(0)
-
     def _call_op(self, params, grads, state, segments, hyper, flags):
         p_new, buf = ops.sgd_step(params, grads, state["momentum_buffer"], segments,
                                   hyper["lr"], hyper["momentum"], hyper["dampening"],
@@ -511,13 +510,6 @@ class DifferentiableAdam(_FlatOptimizer):
 
     def _needs_optional(self, flags: list[int]) -> bool:
         return any(f & reference.ADAM_AMSGRAD for f in flags)
-
-    def _setup(self, params: list[Tensor]) -> None:
-        super()._setup(params)
-        flags = [self._group_flags(g) for g in self.param_groups]
-        if not self._needs_optional(flags):
-            for st in self._flat_state:
-                st["max_exp_avg_sq"] = st["max_exp_avg_sq"].new_empty(0)
 
     def _call_op(self, params, grads, state, segments, hyper, flags):
         p_new, m, v, vmax = ops.adam_step(
