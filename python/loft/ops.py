@@ -42,7 +42,6 @@ class _Spec:
         self.hyper = tuple(hyper)
         self.segments_index = num_buffers
         self.hyper_start = num_buffers + 1
-        self.num_inputs = num_buffers + 1 + len(self.hyper) + 1  # + segments, group_flags
         self.num_outputs = num_buffers - 1  # every buffer but grads
 
     def forward_fn(self, device: torch.device) -> Callable[..., Any]:
@@ -216,9 +215,11 @@ def _fake_backward(spec: _Spec) -> Callable[..., Any]:
 
 def _backward_of_backward(spec: _Spec) -> tuple[Callable[..., Any], Callable[..., Any]]:
     """Autograd for ``*_backward`` ops: the VJP of the differentiable reference formulas."""
-    differentiable = list(range(spec.num_outputs)) + list(range(spec.num_outputs, spec.num_outputs + spec.num_buffers)) + [
+    # Positions among the backward op's tensor inputs: the upstream gradients and the
+    # buffers (one run), then the hyperparameters.
+    differentiable = set(range(spec.num_outputs + spec.num_buffers)) | {
         spec.num_outputs + spec.hyper_start + k for k in range(len(spec.hyper))
-    ]
+    }
 
     def setup(ctx: Any, inputs: tuple, output: Any) -> None:
         ctx.save_for_backward(*[x for x in inputs if isinstance(x, Tensor)])
