@@ -512,3 +512,23 @@ def test_gradcheck_with_respect_to_betas_and_eps(opt_type: type) -> None:
               torch.tensor(0.95, dtype=torch.float64, requires_grad=True),
               torch.tensor(0.01, dtype=torch.float64, requires_grad=True))
     assert torch.autograd.gradcheck(meta_loss, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("opt_kwargs", [dict(lr=0.1), dict(lr=0.1, momentum=0.9, nesterov=True),
+                                        dict(lr=0.05, momentum=0.5, weight_decay=0.1)])
+def test_meta_gradient_with_respect_to_intermediate_weights(opt_kwargs: dict) -> None:
+    """d(meta-loss)/d(weights at step t) includes the path through every later update."""
+    x, y = _data(3)
+
+    def scenario(lib: Any) -> Any:
+        model = _mlp(4)
+        opt = torch.optim.SGD(model.parameters(), **opt_kwargs)
+        with lib.innerloop_ctx(model, opt) as (fmodel, diffopt):
+            for _ in range(4):
+                diffopt.step(nn.functional.mse_loss(fmodel(x), y))
+            meta = nn.functional.mse_loss(fmodel(x), y)
+            return [torch.autograd.grad(meta, list(fmodel.parameters(time=t)), retain_graph=True)
+                    for t in range(5)]
+
+    grads = _both(scenario)
+    assert all(g.abs().sum() > 0 for g in grads[1])

@@ -59,6 +59,10 @@ class Bucket:
             return []
         return list(_Views.apply(self, flat))
 
+    def detached_views(self, flat: Tensor) -> list[Tensor]:
+        """The parameters as plain views into ``flat`` (no autograd node)."""
+        return [part.view(shape) for part, shape in zip(flat.split(self.numels), self.shapes)]
+
     def segments(self, steps: Sequence[int], active: Sequence[bool]) -> Tensor:
         """The ``[S, 5]`` int64 segment table for one step."""
         rows = [

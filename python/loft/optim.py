@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from loft import ops, reference
+from loft._step import bucket_step
 from loft import utils as _utils
 from loft.flat import Bucket, hyper_tensor, make_buckets
 
@@ -268,14 +269,16 @@ class _FlatOptimizer(DifferentiableOptimizer):
 
     _hyper_names: tuple[str, ...] = ()
     _optional_state: str = ""
+    #: The fused op this optimiser runs (``None``: :meth:`_call_op` on flat buffers).
+    _spec: ops._Spec | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._buckets: list[Bucket] | None = None
         super().__init__(*args, **kwargs)
         self._steps = [self._initial_step(st) for st in self._init_state]
-        self._flat_params: list[Tensor] = []
+        self._flat_params: list[Tensor | None] = []
         self._flat_state: list[dict[str, Tensor]] = []
-        self._last_params: list[Tensor] | None = None
+        self._last_params: list[Tensor | None] | None = None
 
     @property
     def state(self) -> list[dict[int, dict[str, Any]]]:
@@ -345,8 +348,9 @@ class _FlatOptimizer(DifferentiableOptimizer):
 
     def _setup(self, params: list[Tensor]) -> None:
         self._buckets = make_buckets(params, self._group_of)
-        self._flat_params = [b.flatten([params[i] for i in b.indices]) for b in self._buckets]
-        self._last_params = list(params)
+        # No flat weights yet: the first step concatenates the weights it is given.
+        self._flat_params = [None] * len(self._buckets)
+        self._last_params = [None] * len(params)
         # The optional buffer (``_optional_state``) starts with 0 elements unless a group
         # needs it; a later override that turns it on allocates it in _flat_update.
         skip_optional = bool(self._optional_state) and not self._needs_optional(
@@ -380,14 +384,12 @@ class _FlatOptimizer(DifferentiableOptimizer):
         grad_mode = torch.enable_grad() if self._track_higher_grads else torch.no_grad()
         with grad_mode:
             for k, b in enumerate(self._buckets):
-                # Reuse last step's flat buffer when the fast weights are still its views.
-                if not all(params[i] is self._last_params[i] for i in b.indices):
-                    self._flat_params[k] = b.flatten([params[i] for i in b.indices])
                 active = [grads[i] is not None for i in b.indices]
                 if not any(active):
                     continue
+                # The last step's flat buffer, when the fast weights are still its views.
+                intact = all(params[i] is self._last_params[i] for i in b.indices)
                 hyper, flag_tensor = self._hyper_and_flags(b, flags)
-                g_flat = b.flatten([grads[i] for i in b.indices])
                 state = self._flat_state[k]
                 if self._optional_state and state[self._optional_state].numel() == 0 and \
                         self._needs_optional(flags) and b.numel > 0:
@@ -395,21 +397,28 @@ class _FlatOptimizer(DifferentiableOptimizer):
                                                               device=b.device)
                 steps = [self._steps[i] for i in b.indices]
                 segments = b.segments(steps, active)
-                p_new, state_new = self._call_op(self._flat_params[k], g_flat, state, segments,
-                                                 hyper, flag_tensor)
+                views, state_new = self._step_bucket(
+                    b, self._flat_params[k] if intact else None, [params[i] for i in b.indices],
+                    [grads[i] for i in b.indices], state, segments, hyper, flag_tensor)
+                base = views[0]._base
+                assert base is not None and base.numel() == b.numel, "views of one flat buffer"
                 if not self._track_higher_grads:
-                    p_new = p_new.detach()
+                    base = base.detach()
+                    views = b.detached_views(base)
                     state_new = {n: t.detach() for n, t in state_new.items()}
-                self._flat_params[k] = p_new
+                self._flat_params[k] = base
                 self._flat_state[k] = state_new
-                views = b.views(p_new)
                 for j, i in enumerate(b.indices):
                     if active[j]:
                         self._steps[i] += 1
-                        view = views[j]
-                        if not self._track_higher_grads:
-                            view = view.detach().requires_grad_()
-                        new_params[i] = view
+                    # Every tensor of the bucket becomes a view of the new buffer (an
+                    # inactive one passes through unchanged); a frozen one stays frozen.
+                    view = views[j]
+                    if not self._track_higher_grads:
+                        view = view.requires_grad_(params[i].requires_grad)
+                    elif not params[i].requires_grad:
+                        view = view.detach()
+                    new_params[i] = view
         if not self._track_higher_grads:
             # Test mode, as higher: every parameter of a group comes back detached, also
             # one that got no gradient (it may still hang on the initial weights' graph).
@@ -420,6 +429,29 @@ class _FlatOptimizer(DifferentiableOptimizer):
                             new_params[i].requires_grad)
         self._last_params = list(new_params)
         return new_params
+
+    def _step_bucket(self, b: Bucket, base: Tensor | None, views: list[Tensor],
+                     grads: list[Tensor | None], state: dict[str, Tensor], segments: Tensor,
+                     hyper: dict[str, Tensor],
+                     flags: Tensor) -> tuple[list[Tensor], dict[str, Tensor]]:
+        """One step over bucket ``b``: the new weights as views of one flat buffer, and the
+        new state. ``base`` is the flat buffer ``views`` are intact views of, or ``None``.
+
+        The fused optimisers (``_spec`` set) make one autograd node of it
+        (:func:`loft._step.bucket_step`); the others flatten, call :meth:`_call_op` on
+        the flat buffers, and split.
+        """
+        spec = self._spec
+        if spec is not None:
+            new_views, new_state = bucket_step(
+                spec, b, base, views, grads, [state[n] for n in self._state_names],
+                [hyper[n] for n in self._hyper_names], segments, flags)
+            return new_views, dict(zip(self._state_names, new_state))
+        # Flatten the views themselves (not ``base``), so that gradients with respect to
+        # the weights at any recorded step include the path through this update.
+        p_new, state_new = self._call_op(b.flatten(views), b.flatten(grads), state, segments,
+                                         hyper, flags)
+        return b.views(p_new), state_new
 
 
 class DifferentiableSGD(_FlatOptimizer):
@@ -433,6 +465,7 @@ class DifferentiableSGD(_FlatOptimizer):
 
     _state_names = ("momentum_buffer",)
     _hyper_names = ops.SGD_HYPER
+    _spec = ops._SGD
     _optional_state = "momentum_buffer"
 
     def _initial_step(self, state: dict[str, Any]) -> int:
@@ -466,11 +499,6 @@ class DifferentiableSGD(_FlatOptimizer):
     def _needs_optional(self, flags: list[int]) -> bool:
         return any(f & reference.SGD_MOMENTUM for f in flags)
 
-    def _call_op(self, params, grads, state, segments, hyper, flags):
-        p_new, buf = ops.sgd_step(params, grads, state["momentum_buffer"], segments,
-                                  hyper["lr"], hyper["momentum"], hyper["dampening"],
-                                  hyper["weight_decay"], flags)
-        return p_new, {"momentum_buffer": buf}
 
 
 class DifferentiableAdam(_FlatOptimizer):
@@ -486,6 +514,7 @@ class DifferentiableAdam(_FlatOptimizer):
 
     _state_names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
     _hyper_names = ops.ADAM_HYPER
+    _spec = ops._ADAM
     _optional_state = "max_exp_avg_sq"
     _decoupled = False
 
@@ -511,12 +540,6 @@ class DifferentiableAdam(_FlatOptimizer):
     def _needs_optional(self, flags: list[int]) -> bool:
         return any(f & reference.ADAM_AMSGRAD for f in flags)
 
-    def _call_op(self, params, grads, state, segments, hyper, flags):
-        p_new, m, v, vmax = ops.adam_step(
-            params, grads, state["exp_avg"], state["exp_avg_sq"], state["max_exp_avg_sq"],
-            segments, hyper["lr"], hyper["beta1"], hyper["beta2"], hyper["eps"],
-            hyper["weight_decay"], flags)
-        return p_new, {"exp_avg": m, "exp_avg_sq": v, "max_exp_avg_sq": vmax}
 
 
 class DifferentiableAdamW(DifferentiableAdam):

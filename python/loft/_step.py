@@ -1,0 +1,155 @@
+"""One optimiser step over a bucket as a single autograd node.
+
+:func:`bucket_step` takes the fast weights of a bucket as the per-tensor views the model
+uses, their per-tensor gradients, the flat optimiser state and the ``[G]``
+hyperparameter tensors, runs the fused op once, and returns the new fast weights as
+views of the new flat buffer, plus the new flat state. Autograd sees **one node per
+bucket per step**: no separate flatten, split or view nodes.
+
+The weights go in as the views themselves, so the gradient of a later loss with
+respect to ``fmodel.parameters(time=t)`` for any recorded ``t`` includes the path
+through every later update (as in ``higher``). When the views are intact views of the
+previous step's flat buffer (the usual case), that buffer is handed to the kernel
+directly: no copy.
+
+Saved for the backward: the weights (the previous buffer, or the views), the
+per-tensor gradients, the state buffers and the hyperparameters; the flat gradient is
+rebuilt in the backward instead of being kept twice. When the backward runs under grad
+mode (``create_graph=True``), it concatenates the saved views and gradients with
+differentiable ops and uses the reference formulas, so the step stays twice
+differentiable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from loft.flat import Bucket
+from loft.ops import _Spec
+
+__all__ = ["bucket_step"]
+
+
+def _cat(bucket: Bucket, parts: Sequence[Tensor | None], like: Tensor) -> Tensor:
+    """The flat buffer of ``parts`` (``None``: zeros), in ``bucket``'s dtype and device."""
+    if not parts:
+        return like.new_empty(0)
+    return torch.cat([
+        torch.zeros(n, dtype=bucket.dtype, device=bucket.device) if t is None
+        else t.reshape(-1).to(device=bucket.device, dtype=bucket.dtype)
+        for t, n in zip(parts, bucket.numels)
+    ])
+
+
+def _split(bucket: Bucket, flat: Tensor, wanted: Sequence[bool]) -> list[Tensor | None]:
+    """``flat`` cut into ``bucket``'s shapes; ``None`` where not ``wanted``."""
+    return [part.view(shape) if want else None
+            for part, shape, want in zip(flat.split(bucket.numels), bucket.shapes, wanted)]
+
+
+class _BucketStep(torch.autograd.Function):
+    """``(views..., grads..., state..., hyper..., segments, flags) -> (new views..., new state...)``."""
+
+    @staticmethod
+    def forward(ctx: Any, spec: _Spec, bucket: Bucket, base: Tensor | None,  # type: ignore[override]
+                *tensors: Tensor | None) -> tuple[Tensor, ...]:
+        s = len(bucket.numels)
+        n_state = spec.num_outputs - 1
+        views, grads = tensors[:s], tensors[s:2 * s]
+        state = tensors[2 * s:2 * s + n_state]
+        hyper = tensors[2 * s + n_state:-2]
+        segments, flags = tensors[-2], tensors[-1]
+        like = next(t for t in (*views, *state) if t is not None)
+        params = base if base is not None else _cat(bucket, views, like)
+        flat_grads = _cat(bucket, grads, like)
+        outs = spec.forward_fn(params.device)(params, flat_grads, *state, segments, *hyper, flags)
+        ctx.spec, ctx.bucket, ctx.n_state = spec, bucket, n_state
+        ctx.has_base = base is not None
+        ctx.grad_present = [g is not None for g in grads]
+        ctx.save_for_backward(base if base is not None else params, *views,
+                              *[g for g in grads if g is not None], *state, segments, *hyper,
+                              flags)
+        ctx.set_materialize_grads(False)
+        new_views = tuple(part.view(shape) for part, shape in
+                          zip(outs[0].split(bucket.numels), bucket.shapes))
+        return new_views + tuple(outs[1:])
+
+    @staticmethod
+    def backward(ctx: Any, *grad_outputs: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        spec: _Spec = ctx.spec
+        bucket: Bucket = ctx.bucket
+        s, n_state = len(bucket.numels), ctx.n_state
+        saved = list(ctx.saved_tensors)
+        params_flat = saved[0]
+        views = saved[1:1 + s]
+        n_grads = sum(ctx.grad_present)
+        present = iter(saved[1 + s:1 + s + n_grads])
+        grads = [next(present) if p else None for p in ctx.grad_present]
+        rest = saved[1 + s + n_grads:]
+        state, segments = rest[:n_state], rest[n_state]
+        hyper, flags = rest[n_state + 1:-1], rest[-1]
+
+        needs = ctx.needs_input_grad  # (spec, bucket, base, views..., grads..., state..., hyper...)
+        first_hyper = 3 + 2 * s + n_state
+        mask = 0
+        for k in range(len(spec.hyper)):
+            if needs[first_hyper + k]:
+                mask |= 1 << k
+        differentiable = torch.is_grad_enabled()
+        if differentiable:
+            # Rebuild the flat inputs with differentiable ops so that a second backward
+            # reaches the views and the per-tensor gradients.
+            params_flat = _cat(bucket, views, params_flat)
+        flat_grads = _cat(bucket, grads, params_flat)
+        empty = params_flat.new_empty(0)
+        view_grads = grad_outputs[:s]
+        if any(g is not None for g in view_grads):
+            upstream_params = _cat(bucket, view_grads, params_flat)
+        else:
+            upstream_params = empty
+        upstream_state = [g.contiguous() if g is not None else empty
+                          for g in grad_outputs[s:]]
+        fn = spec.backward_fn(params_flat.device, differentiable=differentiable)
+        result = fn(upstream_params, *upstream_state, params_flat, flat_grads, *state, segments,
+                    *hyper, flags, mask)
+        grad_params, grad_grads = result[0], result[1]
+        grad_state = result[2:spec.num_buffers]
+        grad_hyper = result[spec.num_buffers:]
+
+        out: list[Tensor | None] = [None, None, None]
+        out += _split(bucket, grad_params, needs[3:3 + s])
+        out += _split(bucket, grad_grads, [p and n for p, n in
+                                           zip(ctx.grad_present, needs[3 + s:3 + 2 * s])])
+        out += [g if needs[3 + 2 * s + i] else None for i, g in enumerate(grad_state)]
+        out += [g if needs[first_hyper + k] else None for k, g in enumerate(grad_hyper)]
+        out += [None, None]  # segments, flags
+        return tuple(out)
+
+
+def bucket_step(spec: _Spec, bucket: Bucket, base: Tensor | None, views: Sequence[Tensor],
+                grads: Sequence[Tensor | None], state: Sequence[Tensor],
+                hyper: Sequence[Tensor], segments: Tensor,
+                flags: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+    """One fused step of ``spec`` over ``bucket``, as one autograd node.
+
+    Args:
+        spec: the op (:data:`loft.ops._SGD` or :data:`loft.ops._ADAM`).
+        bucket: the layout of the flat buffers.
+        base: the flat buffer that ``views`` are intact views of, or ``None`` (the views
+            are then concatenated).
+        views: the current weights, one tensor per parameter of the bucket.
+        grads: their gradients (``None``: the tensor is inactive this step).
+        state: the flat state buffers in the op's order (0 elements where unused).
+        hyper: the ``[G]`` hyperparameter tensors in the op's order.
+        segments, flags: the segment table and group flags (``docs/ops.md``).
+
+    Returns:
+        The new weights as views of one new flat buffer, and the new state buffers.
+    """
+    outs = _BucketStep.apply(spec, bucket, base, *views, *grads, *state, *hyper, segments, flags)
+    s = len(bucket.numels)
+    return list(outs[:s]), list(outs[s:])
