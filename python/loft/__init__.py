@@ -30,12 +30,14 @@ from loft.optim import (
     register_optim,
 )
 from loft.patch import monkeypatch
+from loft.unroll import unroll
 
 __version__ = "0.1.0"
 
 __all__ = [
     "innerloop_ctx",
     "monkeypatch",
+    "unroll",
     "get_diff_optim",
     "create_diff_optim",
     "register_optim",
@@ -58,15 +60,18 @@ def innerloop_ctx(
     copy_initial_weights: bool = True,
     override: dict[str, Any] | None = None,
     track_higher_grads: bool = True,
+    first_order: bool = False,
 ) -> Iterator[tuple[patch.FunctionalModule, DifferentiableOptimizer]]:
     """A patched model and its differentiable optimiser (higher's ``innerloop_ctx``).
 
     Yields ``(fmodel, diffopt)``: ``fmodel = monkeypatch(model, ...)`` and
     ``diffopt = get_diff_optim(opt, model.parameters(), fmodel=fmodel, ...)``. Each
     ``diffopt.step(loss)`` appends the new fast weights to ``fmodel``'s history.
+    ``first_order=True`` treats the inner gradients as constants (first-order MAML).
     """
     fmodel = monkeypatch(model, device, copy_initial_weights=copy_initial_weights,
                          track_higher_grads=track_higher_grads)
     diffopt = get_diff_optim(opt, model.parameters(), fmodel=fmodel, device=device,
-                             override=override, track_higher_grads=track_higher_grads)
+                             override=override, track_higher_grads=track_higher_grads,
+                             first_order=first_order)
     yield fmodel, diffopt

@@ -31,7 +31,7 @@ from torch import Tensor
 from loft.flat import Bucket
 from loft.ops import _Spec
 
-__all__ = ["bucket_step"]
+__all__ = ["bucket_step", "shift_step"]
 
 
 def _cat(bucket: Bucket, parts: Sequence[Tensor | None], like: Tensor) -> Tensor:
@@ -52,7 +52,7 @@ def _split(bucket: Bucket, flat: Tensor, wanted: Sequence[bool]) -> list[Tensor 
 
 
 class _BucketStep(torch.autograd.Function):
-    """``(views..., grads..., state..., hyper..., segments, flags) -> (new views..., new state...)``."""
+    """``(views, grads, state, hyper, segments, flags) -> (new views, new state)``."""
 
     @staticmethod
     def forward(ctx: Any, spec: _Spec, bucket: Bucket, base: Tensor | None,  # type: ignore[override]
@@ -153,3 +153,25 @@ def bucket_step(spec: _Spec, bucket: Bucket, base: Tensor | None, views: Sequenc
     outs = _BucketStep.apply(spec, bucket, base, *views, *grads, *state, *hyper, segments, flags)
     s = len(bucket.numels)
     return list(outs[:s]), list(outs[s:])
+
+
+class _Shift(torch.autograd.Function):
+    """``(new_flat, views...) -> views of new_flat``, with the identity as the derivative
+    with respect to the old views: an update ``p' = p - delta`` with ``delta`` constant."""
+
+    @staticmethod
+    def forward(ctx: Any, bucket: Bucket, new_flat: Tensor,  # type: ignore[override]
+                *views: Tensor) -> tuple[Tensor, ...]:
+        ctx.set_materialize_grads(False)
+        return tuple(part.view(shape) for part, shape in
+                     zip(new_flat.split(bucket.numels), bucket.shapes))
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        return (None, None) + tuple(grads)
+
+
+def shift_step(bucket: Bucket, new_flat: Tensor, views: Sequence[Tensor]) -> list[Tensor]:
+    """The new weights ``new_flat`` as views, differentiable with respect to the old
+    ``views`` with derivative 1 (``new_flat - views`` is a constant of the graph)."""
+    return list(_Shift.apply(bucket, new_flat, *views))

@@ -205,7 +205,7 @@ class FunctionalModule(_PatchedView, nn.Module):
         # Kept outside nn.Module's registries: the placeholders are not parameters of ours.
         for name, value in (("_root", self), ("_prefix", ""), ("_target", target),
                             ("_source", module), ("_entries", _param_entries(module)),
-                            ("_fast_params", None), ("_time_offset", 0), ("_slot_cache", {}),
+                            ("_fast_params", None), ("_times", []), ("_slot_cache", {}),
                             ("_track_higher_grads", bool(track_higher_grads))):
             object.__setattr__(self, name, value)
         object.__setattr__(self, "_shapes", [p.shape for p in module.parameters()])
@@ -234,17 +234,22 @@ class FunctionalModule(_PatchedView, nn.Module):
         value = list(value)
         if self._fast_params is None:
             object.__setattr__(self, "_fast_params", [])
+        step = self._times[-1] + 1 if self._times else 0
         if self._track_higher_grads or not self._fast_params:
             self._fast_params.append(value)
+            self._times.append(step)
         else:
             self._fast_params[0] = value
-            object.__setattr__(self, "_time_offset", self._time_offset + 1)
+            self._times[0] = step
 
     @property
     def init_fast_params(self) -> list[Tensor]:
         """The initial fast weights (only while tracking higher-order gradients)."""
         if not self._track_higher_grads:
             raise Exception("Cannot get initial parameters when not tracking higher gradients.")
+        if self._times[0] != 0:
+            raise ValueError(f"The initial fast weights are no longer kept: the history "
+                             f"starts at step {self._times[0]} (cut by diffopt.truncate()).")
         return self._fast_params[0]
 
     def update_params(self, params: Iterable[Tensor]) -> None:
@@ -263,12 +268,36 @@ class FunctionalModule(_PatchedView, nn.Module):
                                  f"got {list(new.shape)}")
         self.fast_params = params
 
+    @property
+    def recorded_times(self) -> list[int]:
+        """The steps whose fast weights ``parameters(time=...)`` can return."""
+        return list(self._times)
+
+    def _describe_recorded(self) -> str:
+        times = self._times
+        if times and times[-1] - times[0] == len(times) - 1:
+            text = f"{times[0]} to {times[-1]}"
+            if times[0] > 0:
+                text += f" (the history before step {times[0]} was cut by diffopt.truncate())"
+        else:
+            shown = ", ".join(map(str, times[:8])) + (", ..." if len(times) > 9 else "")
+            if len(times) > 8:
+                shown += f", {times[-1]}"
+            text = f"steps {shown} only (the checkpoints of loft.unroll)"
+        return text
+
+    def _replace_history(self, times: list[int], entries: list[list[Tensor]]) -> None:
+        """Keep only ``entries``, the fast weights after the steps ``times`` (ascending)."""
+        object.__setattr__(self, "_fast_params", [list(e) for e in entries])
+        object.__setattr__(self, "_times", list(times))
+
     def parameters(self, recurse: bool = True, time: int | None = None) -> Iterator[Tensor]:
         """The fast weights after ``time`` updates (default: the latest).
 
         Raises ``ValueError`` for a step that is not recorded while not tracking
         higher-order gradients (only the latest weights are kept), and ``IndexError``
-        for a step outside the history, naming the recorded range.
+        for a step outside the history (cut by ``diffopt.truncate()``, or between the
+        checkpoints of :func:`loft.unroll`), naming the recorded steps.
         """
         if self._fast_params is None:
             raise Exception(
@@ -277,7 +306,7 @@ class FunctionalModule(_PatchedView, nn.Module):
             )
         if time is None:
             return iter(self._fast_params[-1])
-        latest = self._time_offset + len(self._fast_params) - 1
+        latest = self._times[-1]
         if not self._track_higher_grads:
             if time not in (-1, latest):
                 raise ValueError(
@@ -285,12 +314,14 @@ class FunctionalModule(_PatchedView, nn.Module):
                     f"parameters (time={latest}) are kept, not time={time}."
                 )
             return iter(self._fast_params[-1])
-        if not -len(self._fast_params) <= time <= latest:
-            raise IndexError(
-                f"time={time} is outside the recorded fast weights: 0 to {latest} "
-                f"(or -1 for the latest)"
-            )
-        return iter(self._fast_params[time])
+        if -len(self._fast_params) <= time < 0:
+            return iter(self._fast_params[time])
+        if time in self._times:
+            return iter(self._fast_params[self._times.index(time)])
+        raise IndexError(
+            f"time={time} is not among the recorded fast weights: "
+            f"{self._describe_recorded()}, or -1 for the latest"
+        )
 
     def named_parameters(self, prefix: str = "", recurse: bool = True,
                          remove_duplicate: bool = True) -> Iterator[tuple[str, Tensor]]:

@@ -1,0 +1,359 @@
+"""Long inner loops in bounded memory: :func:`unroll` with checkpointing.
+
+A differentiable inner loop of ``T`` steps normally keeps the graph of every step until
+the meta-backward: memory grows linearly with ``T``. ``unroll(..., checkpoint_every=k)``
+keeps only the flat state (weights and optimiser buffers) after every ``k``-th step and
+runs the steps in between without a graph; the meta-backward recomputes each segment of
+``k`` steps with its graph, back-propagates through it, and frees it before the next.
+
+Memory is then about ``T/k`` flat states plus the graph of ``k`` steps, for about one
+more forward pass of the inner loop; the gradients equal the full unroll's (the same
+operations, recomputed in the same order, with the same random numbers and buffers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from loft import utils as _utils
+from loft.optim import DifferentiableOptimizer, _FlatOptimizer
+from loft.patch import FunctionalModule
+
+__all__ = ["unroll"]
+
+LossFn = Callable[[FunctionalModule, Any], Tensor]
+
+
+def unroll(fmodel: FunctionalModule, diffopt: DifferentiableOptimizer, loss_fn: LossFn,
+           batches: Sequence[Any] | Iterable[Any],
+           checkpoint_every: int | None = None) -> list[Tensor]:
+    r"""Run one inner step per batch: ``diffopt.step(loss_fn(fmodel, batch))``.
+
+    Args:
+        fmodel: the patched model (``diffopt``'s ``fmodel``).
+        diffopt: its differentiable optimiser.
+        loss_fn: ``loss_fn(fmodel, batch)`` returns the scalar inner loss. It may use
+            randomness (dropout) and update buffers (BatchNorm): both are replayed
+            exactly when a segment is recomputed.
+        batches: one batch per step. With checkpointing it must be a sequence
+            (``len`` and indexing), since segments are replayed in the meta-backward.
+        checkpoint_every: ``k``: keep the flat state after every ``k``-th step (and the
+            last) and recompute the steps in between during the meta-backward.
+            ``None`` unrolls fully, exactly as a loop of ``diffopt.step`` calls.
+
+    Returns:
+        The inner losses, detached.
+
+    The final fast weights are differentiable with respect to the initial weights, the
+    optimiser state, every tensor hyperparameter, and any tensor that requires grad
+    used by ``loss_fn``, with the same gradients as the full unroll. After a
+    checkpointed unroll ``fmodel.parameters(time=t)`` holds only the checkpoints
+    (``fmodel.recorded_times``). The backward of a checkpointed segment is not itself
+    differentiable (no ``create_graph`` through it).
+    """
+    if checkpoint_every is not None:
+        if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) \
+                or checkpoint_every < 1:
+            raise ValueError(f"unroll: checkpoint_every must be None or an int >= 1, got "
+                             f"{checkpoint_every!r}")
+    if not isinstance(fmodel, FunctionalModule):
+        raise TypeError(f"unroll: fmodel must be a patched module (loft.monkeypatch or "
+                        f"innerloop_ctx), got {type(fmodel).__name__}")
+    if not isinstance(diffopt, DifferentiableOptimizer):
+        raise TypeError(f"unroll: diffopt must be a loft differentiable optimizer, got "
+                        f"{type(diffopt).__name__}")
+    if diffopt._fmodel is not fmodel:
+        raise ValueError("unroll: diffopt must have been built with fmodel=fmodel (as "
+                         "innerloop_ctx does), so that its steps update fmodel")
+    if not callable(loss_fn):
+        raise TypeError(f"unroll: loss_fn must be callable, got {type(loss_fn).__name__}")
+    checkpointed = checkpoint_every is not None and fmodel.track_higher_grads \
+        and diffopt._track_higher_grads
+    if checkpointed:
+        if not (hasattr(batches, "__len__") and hasattr(batches, "__getitem__")):
+            raise TypeError(
+                f"unroll: with checkpoint_every, batches must be a sequence (len() and "
+                f"indexing) so that the meta-backward can replay each segment; got a "
+                f"{type(batches).__name__}, which cannot be replayed. Pass list(batches).")
+        if not isinstance(diffopt, _FlatOptimizer) or \
+                type(diffopt)._update is not DifferentiableOptimizer._update:
+            raise TypeError(f"unroll: checkpointing needs one of loft's own optimizers; "
+                            f"{type(diffopt).__name__} updates per tensor")
+    if not checkpointed:
+        losses = []
+        for batch in batches:
+            loss = loss_fn(fmodel, batch)
+            diffopt.step(loss)
+            losses.append(loss.detach())
+        return losses
+    assert isinstance(diffopt, _FlatOptimizer) and checkpoint_every is not None
+    steps = len(batches)  # type: ignore[arg-type]
+    if steps == 0:
+        return []
+    return _Runner(fmodel, diffopt, loss_fn, batches).run(checkpoint_every)  # type: ignore[arg-type]
+
+
+class _Runner:
+    """Runs the segments of one checkpointed unroll and replays them in the backward."""
+
+    def __init__(self, fmodel: FunctionalModule, diffopt: _FlatOptimizer, loss_fn: LossFn,
+                 batches: Sequence[Any]) -> None:
+        self.fmodel, self.diffopt, self.loss_fn, self.batches = fmodel, diffopt, loss_fn, batches
+        self.losses: list[Tensor] = []
+        self.extras: list[Tensor] = []  # tensors loss_fn uses that require grad
+
+    # ---- the optimiser's and the model's mutable state -----------------------------------
+
+    def _save(self) -> dict[str, Any]:
+        d, f = self.diffopt, self.fmodel
+        return {
+            "flat_params": list(d._flat_params), "flat_state": [dict(s) for s in d._flat_state],
+            "steps": list(d._steps), "last": list(d._last_params), "track": d._track_higher_grads,
+            "history": list(f._fast_params), "times": list(f._times),
+        }
+
+    def _restore(self, saved: dict[str, Any]) -> None:
+        d, f = self.diffopt, self.fmodel
+        d._flat_params, d._flat_state = saved["flat_params"], saved["flat_state"]
+        d._steps, d._last_params = saved["steps"], saved["last"]
+        d._track_higher_grads = saved["track"]
+        f._replace_history(saved["times"], saved["history"])
+
+    def _buffers(self) -> list[Tensor]:
+        return [b for _, b in self.fmodel.patched_buffers()]
+
+    def _load(self, flats: Sequence[Tensor], steps: list[int]) -> None:
+        """Make ``flats`` (weights per bucket, then state per bucket) the current state."""
+        d = self.diffopt
+        buckets = d._buckets
+        assert buckets is not None
+        nb = len(buckets)
+        fast = list(self.fmodel.fast_params)
+        names = d._state_names
+        for k, b in enumerate(buckets):
+            base = flats[k]
+            for (off, n, shape), i in zip(zip(b.offsets, b.numels, b.shapes), b.indices):
+                fast[i] = base[off:off + n].view(shape)
+            d._flat_params[k] = base
+            d._flat_state[k] = {name: flats[nb + k * len(names) + j]
+                                for j, name in enumerate(names)}
+        d._steps = list(steps)
+        d._last_params = list(fast)
+        self.fmodel.fast_params = fast
+
+    def _outputs(self, differentiable: bool) -> list[Tensor]:
+        """The current flat state. ``differentiable``: the weights are concatenated from
+        the fast weights (the flat buffer behind them is not itself on the graph)."""
+        d = self.diffopt
+        assert d._buckets is not None
+        if differentiable:
+            fast = self.fmodel.fast_params
+            weights = [b.flatten([fast[i] for i in b.indices]) for b in d._buckets]
+        else:
+            weights = list(d._flat_params)
+        return weights + [s[name] for s in d._flat_state for name in d._state_names]
+
+    def _find_extras(self, loss: Tensor, ours: list[Tensor]) -> None:
+        """Record the leaves that require grad in ``loss``'s graph other than ``ours``
+        (tensors ``loss_fn`` closes over), so that they get their gradients too."""
+        known = {id(t) for t in ours} | {id(t) for t in self.extras}
+        seen: set[int] = set()
+        stack = [loss.grad_fn]
+        while stack:
+            node = stack.pop()
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            variable = getattr(node, "variable", None)
+            if variable is not None and id(variable) not in known:
+                self.extras.append(variable)
+                known.add(id(variable))
+            stack.extend(next_node for next_node, _ in node.next_functions)
+
+    # ---- segments -------------------------------------------------------------------------
+
+    def steps(self, start: int, stop: int, find_extras: bool) -> None:
+        """Steps ``start`` to ``stop - 1`` on the current state, keeping one history entry."""
+        for t in range(start, stop):
+            loss = self.loss_fn(self.fmodel, self.batches[t])
+            if find_extras and t == start:
+                self._find_extras(loss, self._known())
+            if len(self.losses) <= t:
+                self.losses.append(loss.detach())
+            self.diffopt.step(loss)
+            f = self.fmodel
+            f._replace_history(f._times[-1:], f._fast_params[-1:])
+
+    def _known(self) -> list[Tensor]:
+        d = self.diffopt
+        return list(d._flat_params) + list(self.fmodel.fast_params) + self.hyper()
+
+    def _dry_run(self, flats: list[Tensor]) -> None:
+        """Evaluate the first inner loss once, without side effects, to find the tensors
+        that require grad ``loss_fn`` closes over (they become inputs of every segment)."""
+        saved = self._save()
+        buffers = [b.detach().clone() for b in self._buffers()]
+        try:
+            with torch.enable_grad(), _replay_rng(_rng_state(flats)):
+                self._load([x.detach().requires_grad_(k < len(self.diffopt._buckets))
+                            for k, x in enumerate(flats)], list(self.diffopt._steps))
+                loss = self.loss_fn(self.fmodel, self.batches[0])
+                if isinstance(loss, Tensor) and loss.grad_fn is not None:
+                    self._find_extras(loss, self._known())
+        finally:
+            self._restore(saved)
+            _copy_into(self._buffers(), buffers)
+
+    def hyper(self) -> list[Tensor]:
+        """The tensor hyperparameters of the param groups that require grad."""
+        found: list[Tensor] = []
+        for group in self.diffopt.param_groups:
+            for key, value in group.items():
+                if key == "params":
+                    continue
+                for leaf in _utils.flatten(value):
+                    if isinstance(leaf, Tensor) and leaf.requires_grad and \
+                            all(leaf is not h for h in found):
+                        found.append(leaf)
+        return found
+
+    def run(self, k: int) -> list[Tensor]:
+        d, f = self.diffopt, self.fmodel
+        start_params = list(f.fast_params)
+        if d._buckets is None:
+            d._setup(start_params)
+        assert d._buckets is not None
+        buckets = d._buckets
+        # The first segment's flat weights: a differentiable concatenation of the current
+        # fast weights (whatever graph they hang on).
+        flats = [b.flatten([start_params[i] for i in b.indices]) for b in buckets]
+        flats += [s[name] for s in d._flat_state for name in d._state_names]
+        hyper = self.hyper()
+        history, times = list(f._fast_params), list(f._times)
+        t0 = times[-1]
+        total = len(self.batches)
+        self._dry_run(flats)
+        for start in range(0, total, k):
+            stop = min(start + k, total)
+            outs = _Segment.apply(self, start, stop, len(flats), len(hyper), *flats, *hyper,
+                                  *self.extras)
+            flats = list(outs)
+            entry = list(f.fast_params)
+            for b, base in zip(buckets, flats[:len(buckets)]):
+                for i, view in zip(b.indices, b.views(base)):
+                    entry[i] = view
+            history.append(entry)
+            times.append(t0 + stop)
+            f._replace_history(times, history)
+            d._last_params = list(entry)
+            for kk, base in enumerate(flats[:len(buckets)]):
+                d._flat_params[kk] = base
+            n_names = len(d._state_names)
+            for kk in range(len(buckets)):
+                d._flat_state[kk] = {name: flats[len(buckets) + kk * n_names + j]
+                                     for j, name in enumerate(d._state_names)}
+        return self.losses
+
+
+class _Segment(torch.autograd.Function):
+    """Steps ``start`` to ``stop - 1`` of an unroll as one node: run without a graph,
+    recomputed with one in the backward."""
+
+    @staticmethod
+    def forward(ctx: Any, runner: _Runner, start: int, stop: int, n_flat: int,  # type: ignore[override]
+                n_hyper: int, *inputs: Tensor) -> tuple[Tensor, ...]:
+        d = runner.diffopt
+        flats = inputs[:n_flat]
+        ctx.runner, ctx.start, ctx.stop, ctx.n_flat = runner, start, stop, n_flat
+        ctx.n_hyper = n_hyper
+        ctx.steps = list(d._steps)
+        ctx.rng = _rng_state(flats)
+        ctx.buffers = [b.detach().clone() for b in runner._buffers()]
+        ctx.others = list(inputs[n_flat:])  # hyperparameters, then loss_fn's own tensors
+        n_extras = len(runner.extras)
+        nb = len(d._buckets)
+        saved = runner._save()
+        try:
+            with torch.enable_grad():
+                runner._load([x.detach().requires_grad_(k < nb) for k, x in enumerate(flats)],
+                             ctx.steps)
+                d._track_higher_grads = False
+                runner.steps(start, stop, find_extras=True)
+                outs = [x.detach() for x in runner._outputs(False)]
+            steps_after = list(d._steps)
+        finally:
+            runner._restore(saved)
+        d._steps = steps_after
+        if len(runner.extras) > n_extras:
+            raise RuntimeError(
+                f"unroll: at step {start}, loss_fn used tensors that require grad which the "
+                f"first batch did not use; checkpointing needs them from the start. Use "
+                f"them in every step, or unroll with checkpoint_every=None.")
+        ctx.save_for_backward(*flats)
+        return tuple(outs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        runner: _Runner = ctx.runner
+        flats = ctx.saved_tensors
+        others = ctx.others
+        d = runner.diffopt
+        saved = runner._save()
+        current_buffers = [b.detach().clone() for b in runner._buffers()]
+        try:
+            with torch.enable_grad(), _replay_rng(ctx.rng):
+                _copy_into(runner._buffers(), ctx.buffers)
+                leaves = [x.detach().requires_grad_(k < len(d._buckets) or needs)
+                          for k, (x, needs) in enumerate(zip(flats, ctx.needs_input_grad[5:]))]
+                runner._load(leaves, ctx.steps)
+                d._track_higher_grads = True
+                runner.steps(ctx.start, ctx.stop, find_extras=False)
+                outs = runner._outputs(True)
+                pairs = [(o, g) for o, g in zip(outs, grads)
+                         if g is not None and o.requires_grad]
+                wrt = [x for x in leaves if x.requires_grad] + others
+                got = torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs],
+                                          allow_unused=True) if pairs else [None] * len(wrt)
+        finally:
+            runner._restore(saved)
+            _copy_into(runner._buffers(), current_buffers)
+        it = iter(got)
+        flat_grads = [next(it) if x.requires_grad else None for x in leaves]
+        other_grads = list(it)
+        return (None,) * 5 + tuple(flat_grads) + tuple(other_grads)
+
+
+def _copy_into(targets: list[Tensor], sources: list[Tensor]) -> None:
+    with torch.no_grad():
+        for t, s in zip(targets, sources):
+            t.copy_(s)
+
+
+def _rng_state(tensors: Sequence[Tensor]) -> tuple[Tensor, dict[int, Tensor]]:
+    devices = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
+    return torch.get_rng_state(), {i: torch.cuda.get_rng_state(i) for i in devices}
+
+
+class _replay_rng:
+    """Fork the RNGs, set them to a saved state, and restore the originals on exit."""
+
+    def __init__(self, state: tuple[Tensor, dict[int, Tensor]]) -> None:
+        self.cpu, self.cuda = state
+
+    def __enter__(self) -> None:
+        self.saved = (torch.get_rng_state(),
+                      {i: torch.cuda.get_rng_state(i) for i in self.cuda})
+        torch.set_rng_state(self.cpu)
+        for i, s in self.cuda.items():
+            torch.cuda.set_rng_state(s, i)
+
+    def __exit__(self, *exc: Any) -> None:
+        torch.set_rng_state(self.saved[0])
+        for i, s in self.saved[1].items():
+            torch.cuda.set_rng_state(s, i)
+
