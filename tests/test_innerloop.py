@@ -514,23 +514,25 @@ def test_state_is_exposed_in_highers_layout() -> None:
 
 
 @pytest.mark.parametrize("opt_type", [torch.optim.SGD, torch.optim.Adam])
-def test_inner_loop_is_twice_differentiable(opt_type: type) -> None:
+@pytest.mark.parametrize("tensor_lr", [True, False])
+def test_inner_loop_is_twice_differentiable(opt_type: type, tensor_lr: bool) -> None:
     """gradgradcheck through two fused steps: the bucket step's backward is differentiable
-    with respect to the initial weights and a tensor learning rate."""
+    with respect to the initial weights and a tensor learning rate (without one, SGD's
+    step keeps no buffer values: its backward is linear)."""
     x = torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     kwargs = dict(momentum=0.9) if opt_type is torch.optim.SGD else dict(betas=(0.8, 0.9))
 
-    def final_loss(w: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
+    def final_loss(w: torch.Tensor, lr: torch.Tensor | None = None) -> torch.Tensor:
         model = torch.nn.Linear(3, 2, bias=False).double()
         opt = opt_type(model.parameters(), lr=0.1, **kwargs)
         fmodel = loft.monkeypatch(model)
         diffopt = loft.get_diff_optim(opt, model.parameters(), fmodel=fmodel,
-                                      override={"lr": [lr]})
+                                      override={"lr": [lr]} if tensor_lr else None)
         params = [w]
         for _ in range(2):
             params = diffopt.step(fmodel(x, params=params).pow(3).mean(), params=params)
         return fmodel(x, params=params).pow(2).mean()
 
     w = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
-    lr = torch.tensor(0.05, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradgradcheck(final_loss, (w, lr))
+    lr = torch.tensor(0.05, dtype=torch.float64, requires_grad=tensor_lr)
+    assert torch.autograd.gradgradcheck(final_loss, (w, lr) if tensor_lr else (w,))

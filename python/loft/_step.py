@@ -68,11 +68,18 @@ class _BucketStep(torch.autograd.Function):
         flat_grads = _cat(bucket, grads, like)
         outs = spec.forward_fn(params.device)(params, flat_grads, *state, segments, *hyper, flags)
         ctx.spec, ctx.bucket, ctx.n_state = spec, bucket, n_state
-        ctx.has_base = base is not None
         ctx.grad_present = [g is not None for g in grads]
-        ctx.save_for_backward(base if base is not None else params, *views,
-                              *[g for g in grads if g is not None], *state, segments, *hyper,
-                              flags)
+        first_hyper = 3 + 2 * s + n_state
+        ctx.values_saved = spec.values_needed or any(ctx.needs_input_grad[first_hyper:-2])
+        if ctx.values_saved:
+            ctx.save_for_backward(base if base is not None else params, *views,
+                                  *[g for g in grads if g is not None], *state, segments,
+                                  *hyper, flags)
+        else:
+            # Linear in the buffers and no hyperparameter gradient wanted: the backward
+            # reads none of their values (docs/ops.md), so none is kept.
+            ctx.state_numels = [t.numel() for t in state]
+            ctx.save_for_backward(segments, *hyper, flags)
         ctx.set_materialize_grads(False)
         new_views = tuple(part.view(shape) for part, shape in
                           zip(outs[0].split(bucket.numels), bucket.shapes))
@@ -83,6 +90,8 @@ class _BucketStep(torch.autograd.Function):
         spec: _Spec = ctx.spec
         bucket: Bucket = ctx.bucket
         s, n_state = len(bucket.numels), ctx.n_state
+        if not ctx.values_saved:
+            return _linear_backward(ctx, grad_outputs)
         saved = list(ctx.saved_tensors)
         params_flat = saved[0]
         views = saved[1:1 + s]
@@ -128,6 +137,45 @@ class _BucketStep(torch.autograd.Function):
         out += [g if needs[first_hyper + k] else None for k, g in enumerate(grad_hyper)]
         out += [None, None]  # segments, flags
         return tuple(out)
+
+
+def _linear_backward(ctx: Any, grad_outputs: Sequence[Tensor | None]) -> tuple:
+    """The backward of a step that is linear in its buffers (SGD) when no hyperparameter
+    gradient is wanted: the kernel's buffer gradients then depend on the upstream
+    gradients, the segment table and the hyperparameters only, so any tensor of the right
+    size stands in for the weights, gradients and momentum buffer it did not keep."""
+    spec: _Spec = ctx.spec
+    bucket: Bucket = ctx.bucket
+    s = len(bucket.numels)
+    segments, *hyper, flags = ctx.saved_tensors
+    view_grads = grad_outputs[:s]
+    state_grads = grad_outputs[s:]
+    present = [g for g in (*view_grads, *state_grads) if g is not None]
+    n_inputs = 3 + 2 * s + ctx.n_state + len(hyper) + 2
+    if not present:
+        return (None,) * n_inputs
+    like = present[0]
+    empty = like.new_empty(0)
+    upstream_params = _cat(bucket, view_grads, like) if any(
+        g is not None for g in view_grads) else empty
+    upstream_state = [g.contiguous() if g is not None else empty for g in state_grads]
+    stand_in = upstream_params if upstream_params.numel() else next(
+        g for g in upstream_state if g.numel())
+    stand_in = stand_in.detach()
+    state = [stand_in if n else empty for n in ctx.state_numels]
+    differentiable = torch.is_grad_enabled()
+    fn = spec.backward_fn(stand_in.device, differentiable=differentiable)
+    result = fn(upstream_params, *upstream_state, stand_in, stand_in, *state, segments, *hyper,
+                flags, 0)
+    needs = ctx.needs_input_grad
+    out: list[Tensor | None] = [None, None, None]
+    out += _split(bucket, result[0], needs[3:3 + s])
+    out += _split(bucket, result[1], [p and n for p, n in
+                                      zip(ctx.grad_present, needs[3 + s:3 + 2 * s])])
+    out += [g if needs[3 + 2 * s + i] and n else None
+            for i, (g, n) in enumerate(zip(result[2:spec.num_buffers], ctx.state_numels))]
+    out += [None] * (len(hyper) + 2)
+    return tuple(out)
 
 
 def bucket_step(spec: _Spec, bucket: Bucket, base: Tensor | None, views: Sequence[Tensor],

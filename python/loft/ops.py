@@ -36,8 +36,11 @@ ADAM_HYPER = ("lr", "beta1", "beta2", "eps", "weight_decay")
 class _Spec:
     """What distinguishes one optimiser op from another in the shared autograd code."""
 
-    def __init__(self, name: str, num_buffers: int, hyper: Sequence[str]):
+    def __init__(self, name: str, num_buffers: int, hyper: Sequence[str], values_needed: bool):
         self.name = name
+        # False: with no hyperparameter gradient wanted, the backward does not read the
+        # values of the input buffers (the step is linear in them).
+        self.values_needed = values_needed
         self.num_buffers = num_buffers  # params, grads, state...
         self.hyper = tuple(hyper)
         self.segments_index = num_buffers
@@ -64,8 +67,8 @@ class _Spec:
         return functools.partial(getattr(reference, self.name + "_backward"), check=False)
 
 
-_SGD = _Spec("sgd_step", 3, SGD_HYPER)
-_ADAM = _Spec("adam_step", 5, ADAM_HYPER)
+_SGD = _Spec("sgd_step", 3, SGD_HYPER, values_needed=False)
+_ADAM = _Spec("adam_step", 5, ADAM_HYPER, values_needed=True)
 
 
 def _backward(spec: _Spec, ctx: Any, grad_outputs: Sequence[Tensor | None]) -> tuple:
