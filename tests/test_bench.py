@@ -37,3 +37,29 @@ def test_bench_cli_writes_table_json_and_plot(tmp_path: Path) -> None:
         assert loft_record[key] is not None and loft_record[key] >= 0, key
     assert data["meta"]["threads"] == 1
     assert "--quick" in data["meta"]["command"]
+
+
+def test_bench_long_quick_writes_all_modes_and_plot(tmp_path: Path) -> None:
+    """``--long --quick``: one fresh process per (mode, T), all four modes in the JSON."""
+    pytest.importorskip("matplotlib")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in [str(ROOT / "python"), env.get("PYTHONPATH", "")] if p)
+    out = tmp_path / "long"
+    cmd = [sys.executable, "-m", "loft.bench", "--long", "--quick", "--no-progress",
+           "--out", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "long.png").stat().st_size > 0
+    assert "peakRSS MB" in (out / "long.txt").read_text()
+    data = json.loads((out / "long.json").read_text())
+    assert not [r for r in data["records"] if "error" in r], data["records"]
+    modes = {"full", "checkpoint", "truncate", "first_order"}
+    assert {r["mode"] for r in data["records"]} == modes
+    assert {row["mode"] for row in data["summary"]} == modes
+    for r in data["records"]:
+        for key in ("inner_s", "meta_backward_s", "total_s", "peak_rss_growth_bytes"):
+            assert r[key] is not None and r[key] >= 0, (r["mode"], key)
+    assert len({r["pid"] for r in data["records"]}) == len(data["records"])  # fresh processes
+    assert data["meta"]["suite"] == "long" and data["meta"]["threads"] == 1
+    assert set(data["ratios"]) == {str(t) for t in data["meta"]["steps"]}

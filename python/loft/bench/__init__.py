@@ -25,17 +25,26 @@ Implementations: ``loft`` (fused ops), ``loft-reference`` (``LOFT_BACKEND=refere
 loft's pure-PyTorch math over the same flat buffers), ``per-tensor``
 (:mod:`loft.bench.baselines`: a per-tensor differentiable loop, the way higher computes
 it), ``higher`` (when installed), and ``floor``.
+
+``python -m loft.bench --long`` (:mod:`loft.bench.long`, :func:`run_long_suite`) measures
+long inner loops instead: full unroll vs ``checkpoint_every`` vs ``truncate()`` vs
+``first_order`` on one fixed workload, peak RSS growth and time against T.
 """
 
 from __future__ import annotations
 
 from loft.bench.baselines import PerTensorAdam, PerTensorInnerLoop, PerTensorSGD
+from loft.bench.long import LONG_MODES, LongResult, measure_long, run_long_suite
 from loft.bench.measure import IMPLEMENTATIONS, SavedTensorMeter, count_graph_nodes, measure
 from loft.bench.suite import TARGETS, Job, SuiteResult, Target, derive, run_suite, run_worker
 from loft.bench.workloads import MODELS, OPTIMIZERS, Workload, build
 
 __all__ = [
     "run_suite",
+    "run_long_suite",
+    "measure_long",
+    "LongResult",
+    "LONG_MODES",
     "run_worker",
     "measure",
     "derive",

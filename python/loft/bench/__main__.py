@@ -3,6 +3,10 @@
 Every measurement runs in a fresh process (``python -m loft.bench._worker``) with a
 fixed thread count, after a warm-up; the medians of ``--repeats`` runs are reported.
 See :mod:`loft.bench` for what is measured and how.
+
+``python -m loft.bench --long`` runs the long-inner-loop suite instead (issue 6: full
+unroll, checkpointing, truncation and first order on one fixed workload, peak memory and
+time against T): see :mod:`loft.bench.long`.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import shlex
 import sys
 from collections.abc import Sequence
 
+from loft.bench.long import DEFAULT_LONG_REPEATS, DEFAULT_LONG_STEPS, LONG_QUICK
 from loft.bench.suite import (
     DEFAULT_MODELS,
     DEFAULT_OPTIMIZERS,
@@ -43,15 +48,25 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", nargs="+", type=int, metavar="T",
                         help=f"numbers of inner steps (default: "
                              f"{' '.join(map(str, DEFAULT_STEPS))}; --quick: "
-                             f"{' '.join(map(str, QUICK['steps']))})")
+                             f"{' '.join(map(str, QUICK['steps']))}; --long: "
+                             f"{' '.join(map(str, DEFAULT_LONG_STEPS))}; --long --quick: "
+                             f"{' '.join(map(str, LONG_QUICK['steps']))})")
     parser.add_argument("--repeats", type=int,
-                        help="timed runs per measurement, median reported (default: 5; --quick: 3)")
+                        help=f"timed runs per measurement, median reported (default: 5; "
+                             f"--quick: 3; --long: {DEFAULT_LONG_REPEATS} fresh processes "
+                             f"per mode and T; --long --quick: {LONG_QUICK['repeats']})")
     parser.add_argument("--implementations", nargs="+", metavar="I",
                         help="subset of: loft loft-reference per-tensor higher "
                              "(default: all; higher if installed)")
     parser.add_argument("--quick", action="store_true",
                         help="a short run (under a minute on a quiet machine): model A, "
-                             "T = 50, 3 repeats")
+                             "T = 50, 3 repeats; with --long: T = 20 40, 1 repeat")
+    parser.add_argument("--long", action="store_true",
+                        help="the long-inner-loop suite instead (issue 6): 8 x Linear(128,128)"
+                             "+ReLU, Adam, batch 32, on cpu; full unroll vs "
+                             "checkpoint_every=17 vs truncate() every 20 steps vs "
+                             "first_order; peak RSS growth and time against T, each run "
+                             "in a fresh process; writes long.json, long.txt, long.png")
     parser.add_argument("--no-floor", action="store_true", help="skip the bare-floor runs")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -69,12 +84,49 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
     if args.steps is not None and min(args.steps) < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
+    if args.long:
+        _check_long_args(parser, args)
     return args
+
+
+def _check_long_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``--long`` has one fixed workload: refuse the options that would change it."""
+    for option in ("models", "optimizers", "implementations"):
+        if getattr(args, option) is not None:
+            parser.error(f"--{option} does not apply to --long (its workload is fixed)")
+    if args.device != "cpu":
+        parser.error(f"--long runs on cpu only, got --device {args.device}")
+
+
+def main_long(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """``--long``: run :func:`loft.bench.long.run_long_suite` and write its files."""
+    from loft.bench.long import run_long_suite
+
+    defaults = LONG_QUICK if args.quick else {"steps": DEFAULT_LONG_STEPS,
+                                              "repeats": DEFAULT_LONG_REPEATS}
+    try:
+        result = run_long_suite(
+            steps=args.steps or defaults["steps"],
+            repeats=args.repeats or defaults["repeats"],
+            threads=args.threads,
+            progress=not args.no_progress,
+            timeout=args.timeout,
+            command=shlex.join(["python", "-m", "loft.bench", *argv]),
+        )
+    except ValueError as exc:
+        print(f"loft.bench: {exc}", file=sys.stderr)
+        return 2
+    print(result.table())
+    paths = result.save(args.out, plot=not args.no_plot)
+    print("\nwrote " + ", ".join(str(p) for p in paths.values()))
+    return 1 if result.errors and len(result.errors) == len(result.records) else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    if args.long:
+        return main_long(args, argv)
     defaults = QUICK if args.quick else {"models": DEFAULT_MODELS,
                                          "optimizers": DEFAULT_OPTIMIZERS,
                                          "steps": DEFAULT_STEPS, "repeats": 5}

@@ -12,6 +12,9 @@ It fixes the thread count (``torch.set_num_threads``; the suite also sets
 starts, and ``LOFT_BACKEND`` for the loft implementations), runs
 :func:`loft.bench.measure.measure` and writes its result (one JSON object) to
 ``FILE``, or to stdout after the line ``--- loft.bench result ---``.
+
+A spec ``{"suite": "long", "mode": "checkpoint", "steps": 300, "threads": 1}`` runs one
+measurement of the ``--long`` suite instead (:func:`loft.bench.long.measure_long`).
 """
 
 from __future__ import annotations
@@ -38,6 +41,10 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
         torch.set_num_interop_threads(1)
     except RuntimeError:  # already set by a parallel region
         pass
+    if spec.get("suite") == "long":
+        from loft.bench.long import run_long_spec
+
+        return run_long_spec(spec)
     from loft.bench.measure import measure
     from loft.bench.workloads import Workload
 

@@ -3,6 +3,9 @@
 One row of panels per (model, optimiser): inner-loop time, meta-backward time and
 saved-for-backward bytes, each against the number of inner steps T on log-log axes.
 The bare floor (no update) is drawn dashed in every row of its model.
+
+:func:`plot_long` draws the ``--long`` suite: peak RSS growth and total time against T,
+one line per mode (full, checkpoint, truncate, first_order).
 """
 
 from __future__ import annotations
@@ -12,9 +15,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from loft.bench.long import LongResult
     from loft.bench.suite import SuiteResult
 
-__all__ = ["plot_results"]
+__all__ = ["plot_results", "plot_long"]
 
 _STYLE = {
     "loft": {"color": "tab:blue", "marker": "o"},
@@ -68,6 +72,63 @@ def plot_results(result: SuiteResult, path: str | os.PathLike[str]) -> Path:
     fig.suptitle(f"loft.bench: {meta.get('device', 'cpu')}, {meta.get('threads')} thread(s), "
                  f"torch {meta.get('torch')}, {meta.get('date', '')}", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.98))
+    out = Path(path)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+_LONG_STYLE = {
+    "full": {"color": "tab:red", "marker": "o"},
+    "checkpoint": {"color": "tab:blue", "marker": "s"},
+    "truncate": {"color": "tab:green", "marker": "^"},
+    "first_order": {"color": "gray", "marker": "x", "linestyle": "--"},
+}
+
+_LONG_PANELS = (
+    ("peak_rss_growth_bytes", 1e-6, "peak RSS growth (MB)"),
+    ("total_s", 1.0, "inner loop + meta-backward (s)"),
+)
+
+
+def plot_long(result: LongResult, path: str | os.PathLike[str]) -> Path:
+    """Draw the ``--long`` suite's medians into the PNG file ``path`` (Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    plain = FuncFormatter(lambda value, _: f"{value:g}")
+    summary = result.summary
+    steps = sorted({row["steps"] for row in summary})
+    fig, axes = plt.subplots(1, len(_LONG_PANELS), figsize=(5.0 * len(_LONG_PANELS), 3.8),
+                             squeeze=False)
+    for ax, (key, scale, label) in zip(axes[0], _LONG_PANELS):
+        for mode, style in _LONG_STYLE.items():
+            points = sorted((row["steps"], row[key] * scale) for row in summary
+                            if row["mode"] == mode and row.get(key))
+            if points:
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, label=mode, **style)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xticks(steps)
+        ax.xaxis.set_major_formatter(plain)
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
+        ax.tick_params(axis="y", which="minor", labelsize=7)
+        ax.set_xlabel("inner steps T")
+        ax.set_ylabel(label)
+        ax.set_title(label.split(" (")[0], fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    meta = result.meta
+    fig.suptitle(f"loft.bench --long: 8 x Linear(128,128), Adam, batch 32; "
+                 f"{meta.get('threads')} thread(s), torch {meta.get('torch')}, "
+                 f"{meta.get('date', '')}", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
     out = Path(path)
     fig.savefig(out, dpi=100)
     plt.close(fig)

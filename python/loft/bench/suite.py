@@ -41,6 +41,7 @@ __all__ = [
     "TARGETS",
     "run_suite",
     "run_worker",
+    "spawn_worker",
     "derive",
     "machine_info",
 ]
@@ -166,6 +167,27 @@ def _worker_env(implementation: str, threads: int) -> dict[str, str]:
     return env
 
 
+def spawn_worker(spec: dict[str, Any], env: dict[str, str],
+                 timeout: float | None = 600.0) -> dict[str, Any]:
+    """Run ``python -m loft.bench._worker --json spec`` in a fresh process.
+
+    Returns the worker's result, or ``{"error": ...}`` if it failed or timed out.
+    """
+    with tempfile.TemporaryDirectory(prefix="loft-bench-") as tmp:
+        output = Path(tmp) / "result.json"
+        cmd = [sys.executable, "-m", "loft.bench._worker", "--json", json.dumps(spec),
+               "--output", str(output)]
+        try:
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
+                                  timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return {"error": f"timed out after {timeout} s"}
+        if proc.returncode != 0 or not output.is_file():
+            tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-15:]
+            return {"error": f"worker exited with {proc.returncode}: " + "\n".join(tail)}
+        return json.loads(output.read_text())
+
+
 def run_worker(job: Job, repeats: int, device: str = "cpu", threads: int = 1,
                timeout: float | None = 600.0,
                time_budget_s: float | None = 20.0) -> dict[str, Any]:
@@ -176,21 +198,11 @@ def run_worker(job: Job, repeats: int, device: str = "cpu", threads: int = 1,
     spec = {"workload": job.workload.to_dict(), "implementation": job.implementation,
             "repeats": repeats, "device": device, "threads": threads,
             "time_budget_s": time_budget_s}
-    with tempfile.TemporaryDirectory(prefix="loft-bench-") as tmp:
-        output = Path(tmp) / "result.json"
-        cmd = [sys.executable, "-m", "loft.bench._worker", "--json", json.dumps(spec),
-               "--output", str(output)]
-        try:
-            proc = subprocess.run(cmd, env=_worker_env(job.implementation, threads),
-                                  capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return {"workload": job.workload.to_dict(), "implementation": job.implementation,
-                    "error": f"timed out after {timeout} s"}
-        if proc.returncode != 0 or not output.is_file():
-            tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-15:]
-            return {"workload": job.workload.to_dict(), "implementation": job.implementation,
-                    "error": f"worker exited with {proc.returncode}: " + "\n".join(tail)}
-        return json.loads(output.read_text())
+    result = spawn_worker(spec, _worker_env(job.implementation, threads), timeout)
+    if "error" in result:
+        return {"workload": job.workload.to_dict(), "implementation": job.implementation,
+                **result}
+    return result
 
 
 def make_jobs(models: Sequence[str], optimizers: Sequence[str], steps: Sequence[int],
