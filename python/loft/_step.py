@@ -219,7 +219,17 @@ class _Shift(torch.autograd.Function):
         return (None, None) + tuple(grads)
 
 
-def shift_step(bucket: Bucket, new_flat: Tensor, views: Sequence[Tensor]) -> list[Tensor]:
-    """The new weights ``new_flat`` as views, differentiable with respect to the old
-    ``views`` with derivative 1 (``new_flat - views`` is a constant of the graph)."""
-    return list(_Shift.apply(bucket, new_flat, *views))
+def shift_step(spec: _Spec, bucket: Bucket, base: Tensor | None, views: Sequence[Tensor],
+               grads: Sequence[Tensor | None], state: Sequence[Tensor],
+               hyper: Sequence[Tensor], segments: Tensor,
+               flags: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+    """:func:`bucket_step` for an update ``p' = p - delta`` whose ``delta`` depends on
+    nothing that requires grad (the caller checks): the step runs without a graph, and
+    the new weights are differentiable with respect to the old ``views`` with derivative
+    1, through one node that saves nothing. The new state does not require grad."""
+    with torch.no_grad():
+        like = views[0]
+        params = base if base is not None else _cat(bucket, views, like)
+        outs = spec.forward_fn(params.device)(params, _cat(bucket, grads, like), *state,
+                                              segments, *hyper, flags)
+    return list(_Shift.apply(bucket, outs[0], *views)), list(outs[1:])
