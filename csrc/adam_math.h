@@ -81,10 +81,11 @@ LOFT_HOST_DEVICE inline AdamScalars<double> adam_segment_scalars(double lr, doub
 ///
 ///     g1 = maximize ? -g : g
 ///     decoupled: g2 = g1,                    p0 = p * (1 - lr * weight_decay)
-///     else:      g2 = g1 + weight_decay * p, p0 = p
-///     m' = beta1 * m + (1 - beta1) * g2
+///     else:      g2 = g1 + weight_decay * p, p0 = p   (no term when weight_decay == 0)
+///     m' = beta1 * m + (1 - beta1) * g2       (as torch.lerp(m, g2, 1 - beta1))
 ///     v' = beta2 * v + (1 - beta2) * g2^2
-///     u  = amsgrad ? max(vmax, v') : v'      (vmax' = u; without amsgrad vmax' = vmax)
+///     u  = amsgrad ? max(vmax, v') : v'      (NaN-propagating; vmax' = u; without
+///                                             amsgrad vmax' = vmax)
 ///     d  = sqrt(u) / sqrt(bc2) + eps
 ///     p' = p0 - (lr / bc1) * m' / d
 ///
@@ -93,13 +94,13 @@ template <bool kAmsgrad, bool kDecoupled, typename T>
 LOFT_HOST_DEVICE inline void adam_forward(T p, T g, T m, T v, T vmax, const AdamScalars<T>& s,
                                           T& p_out, T& m_out, T& v_out, T& vmax_out) {
   const T g1 = s.sign * g;
-  const T g2 = kDecoupled ? g1 : g1 + s.weight_decay * p;
+  const T g2 = kDecoupled ? g1 : loft_add_scaled(g1, s.weight_decay, p);
   const T p0 = kDecoupled ? p * s.decay : p;
-  m_out = s.beta1 * m + s.one_minus_beta1 * g2;
+  m_out = loft_lerp(m, g2, s.one_minus_beta1);
   v_out = s.beta2 * v + s.one_minus_beta2 * g2 * g2;  // ((1 - beta2) g2) g2, as torch's addcmul
   T u = v_out;
   if (kAmsgrad) {
-    u = vmax > v_out ? vmax : v_out;
+    u = loft_maximum(vmax, v_out);
     vmax_out = u;
   }
   const T d = loft_sqrt(u) / s.sqrt_bc2 + s.eps;
@@ -138,10 +139,10 @@ LOFT_HOST_DEVICE inline AdamElementGrads<T> adam_backward(T P, T M, T V, T X, T 
                                                           T vmax, const AdamScalars<T>& s) {
   // Recompute the forward.
   const T g1 = s.sign * g;
-  const T g2 = kDecoupled ? g1 : g1 + s.weight_decay * p;
-  const T m_new = s.beta1 * m + s.one_minus_beta1 * g2;
+  const T g2 = kDecoupled ? g1 : loft_add_scaled(g1, s.weight_decay, p);
+  const T m_new = loft_lerp(m, g2, s.one_minus_beta1);
   const T v_new = s.beta2 * v + s.one_minus_beta2 * g2 * g2;
-  const T u = kAmsgrad ? (vmax > v_new ? vmax : v_new) : v_new;
+  const T u = kAmsgrad ? loft_maximum(vmax, v_new) : v_new;
   const T sq = loft_sqrt(u);
   const T d = sq / s.sqrt_bc2 + s.eps;
   const T inv_d = T(1) / d;
@@ -168,7 +169,7 @@ LOFT_HOST_DEVICE inline AdamElementGrads<T> adam_backward(T P, T M, T V, T X, T 
     r.max_exp_avg_sq = X;
   }
   const T G2 = Mt * s.one_minus_beta1 + Vt * s.one_minus_beta2 * T(2) * g2;
-  r.params = kDecoupled ? P * s.decay : P + s.weight_decay * G2;
+  r.params = kDecoupled ? P * s.decay : loft_add_scaled(P, s.weight_decay, G2);
   r.grads = s.sign * G2;
   r.exp_avg = Mt * s.beta1;
   r.exp_avg_sq = Vt * s.beta2;

@@ -41,6 +41,29 @@ constexpr int64_t kAdamAllFlags = kAdamMaximize | kAdamAmsgrad | kAdamDecoupled;
 LOFT_HOST_DEVICE inline float loft_sqrt(float x) { return ::sqrtf(x); }
 LOFT_HOST_DEVICE inline double loft_sqrt(double x) { return ::sqrt(x); }
 
+// y + a * x, or exactly y when a == 0: torch.optim skips a zero weight decay, so an
+// infinite or NaN x must not turn y into NaN through 0 * x (docs/ops.md, "Non-finite
+// values").
+template <typename T>
+LOFT_HOST_DEVICE inline T loft_add_scaled(T y, T a, T x) {
+  return a != T(0) ? y + a * x : y;
+}
+
+// torch.lerp(start, end, weight) in at::lerp's two forms, chosen by |weight| < 0.5, so
+// that non-finite inputs give torch's results (start = inf, finite end: NaN for a small
+// weight, inf otherwise). torch.optim's Adam updates exp_avg with lerp_(grad, 1 - beta1).
+template <typename T>
+LOFT_HOST_DEVICE inline T loft_lerp(T start, T end, T weight) {
+  return (weight < T(0.5) && weight > T(-0.5)) ? start + weight * (end - start)
+                                               : end - (end - start) * (T(1) - weight);
+}
+
+// torch.maximum(a, b): NaN when either is NaN (a bare a > b ? a : b drops a NaN a).
+template <typename T>
+LOFT_HOST_DEVICE inline T loft_maximum(T a, T b) {
+  return (a > b || a != a) ? a : b;
+}
+
 // beta^t for an integer step count t >= 0, in double (per-segment scalars are always
 // computed in float64, docs/ops.md). pow(0, 0) is 1, as torch's 0 ** 0.
 LOFT_HOST_DEVICE inline double loft_pow(double base, int64_t exponent) {

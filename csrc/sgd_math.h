@@ -38,7 +38,7 @@ LOFT_HOST_DEVICE inline SgdScalars<double> sgd_segment_scalars(double lr, double
 
 /// One SGD element, forward:
 ///
-///     g2 = (maximize ? -g : g) + weight_decay * p
+///     g2 = (maximize ? -g : g) + weight_decay * p   (the term skipped when weight_decay == 0)
 ///     momentum:  b' = first ? g2 : momentum * b + (1 - dampening) * g2
 ///                d  = nesterov ? g2 + momentum * b' : b'
 ///     else:      b' = b,  d = g2
@@ -46,7 +46,7 @@ LOFT_HOST_DEVICE inline SgdScalars<double> sgd_segment_scalars(double lr, double
 template <bool kMomentum, bool kFirst, bool kNesterov, typename T>
 LOFT_HOST_DEVICE inline void sgd_forward(T p, T g, T b, const SgdScalars<T>& s, T& p_out,
                                          T& b_out) {
-  const T g2 = s.sign * g + s.weight_decay * p;
+  const T g2 = loft_add_scaled(s.sign * g, s.weight_decay, p);
   T d = g2;
   b_out = b;
   if (kMomentum) {
@@ -72,14 +72,14 @@ struct SgdElementGrads {
 ///                G2 = (nesterov ? D : 0) + (first ? B' : (1 - dampening) * B')
 ///                grad_b = first ? 0 : momentum * B'
 ///     else:      G2 = D,  grad_b = B
-///     grad_p = P + weight_decay * G2,  grad_g = maximize ? -G2 : G2
+///     grad_p = P + weight_decay * G2 (P when weight_decay == 0),  grad_g = maximize ? -G2 : G2
 ///     lr += -P * d,  weight_decay += G2 * p
 ///     momentum += momentum ? (first ? 0 : B' * b) + (nesterov ? D * b' : 0) : 0
 ///     dampening += momentum and not first ? -B' * g2 : 0
 template <bool kMomentum, bool kFirst, bool kNesterov, typename T>
 LOFT_HOST_DEVICE inline SgdElementGrads<T> sgd_backward(T P, T B, T p, T g, T b,
                                                         const SgdScalars<T>& s) {
-  const T g2 = s.sign * g + s.weight_decay * p;
+  const T g2 = loft_add_scaled(s.sign * g, s.weight_decay, p);
   T d = g2;
   T b_new = b;
   if (kMomentum) {
@@ -101,7 +101,7 @@ LOFT_HOST_DEVICE inline SgdElementGrads<T> sgd_backward(T P, T B, T p, T g, T b,
     r.momentum = kNesterov ? from_mom + D * b_new : from_mom;
     r.dampening = kFirst ? T(0) : -Bt * g2;
   }
-  r.params = P + s.weight_decay * G2;
+  r.params = loft_add_scaled(P, s.weight_decay, G2);
   r.grads = s.sign * G2;
   r.lr = P * -d;
   r.weight_decay = G2 * p;

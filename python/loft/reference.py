@@ -125,6 +125,8 @@ def _layout(op: str, params: Tensor, segments: Tensor, group_flags: Tensor,
             f"{op}: segments must be an int64 tensor of shape [S, 5] on {params.device}, got "
             f"{segments.dtype} of shape {list(segments.shape)} on {segments.device}"
         )
+    if check and not segments.is_contiguous():
+        raise RuntimeError(f"{op}: segments must be contiguous")
     g = group_flags.numel()
     offsets, numels, groups, steps, active = segments.unbind(1)
     if check and segments.size(0) > 0:
@@ -169,6 +171,13 @@ def _group_sum(values: Tensor, layout: _Layout, mask: Tensor, hyper: Tensor) -> 
     return acc.to(hyper.dtype)
 
 
+def _add_scaled(y: Tensor, a: Tensor, x: Tensor) -> Tensor:
+    """``y + a * x``, and exactly ``y`` where ``a == 0`` (torch.optim skips a zero weight
+    decay, so an infinite or NaN ``x`` must not make ``y`` NaN through ``0 * x``), as the
+    kernels' ``loft_add_scaled``. The derivative in ``a`` stays ``x`` where it is finite."""
+    return y + a * torch.where((a == 0) & ~torch.isfinite(x), 0, x)
+
+
 def _check_optional(op: str, name: str, t: Tensor, n: int, needed: Tensor) -> None:
     if t.numel() not in (0, n):
         raise RuntimeError(f"{op}: {name} must have {n} or 0 elements, got {t.numel()}")
@@ -191,7 +200,7 @@ def _sgd_forward_math(params, grads, momentum_buffer, layout, lr, momentum, damp
     maximize = _flag(group_flags, layout, SGD_MAXIMIZE)
     nesterov = _flag(group_flags, layout, SGD_NESTEROV)
     use_mom = _flag(group_flags, layout, SGD_MOMENTUM) & act
-    g2 = torch.where(maximize, -g, g) + wd_e * p
+    g2 = _add_scaled(torch.where(maximize, -g, g), wd_e, p)
     has_buf = momentum_buffer.numel() > 0
     if has_buf:
         mom_e, damp_e = momentum[layout.group], dampening[layout.group]
@@ -279,6 +288,9 @@ def sgd_step_backward(
                            grad_momentum_buffer_out=grad_momentum_buffer_out))
     layout = _layout(op, params, segments, group_flags, check)
     n = params.numel()
+    if check:
+        _check_optional(op, "momentum_buffer", momentum_buffer, n,
+                        _flag(group_flags, layout, SGD_MOMENTUM) & layout.active)
     f = _sgd_forward_math(params, grads, momentum_buffer, layout, lr, momentum, dampening,
                           weight_decay, group_flags)
     act, p, g2 = layout.active, f["p"], f["g2"]
@@ -298,7 +310,7 @@ def sgd_step_backward(
     else:
         G2 = D
         grad_b_out = momentum_buffer.new_empty(0)
-    grad_p = torch.where(act, P + f["wd_e"] * G2, P)
+    grad_p = torch.where(act, _add_scaled(P, f["wd_e"], G2), P)
     grad_g = torch.where(act, torch.where(f["maximize"], -G2, G2), 0)
 
     def hyper(bit: int, values_fn) -> Tensor:
@@ -346,9 +358,9 @@ def _adam_forward_math(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, layou
     amsgrad = _flag(group_flags, layout, ADAM_AMSGRAD) & act
     decoupled = _flag(group_flags, layout, ADAM_DECOUPLED)
     g1 = torch.where(maximize, -g, g)
-    g2 = torch.where(decoupled, g1, g1 + wd_e * p)
+    g2 = torch.where(decoupled, g1, _add_scaled(g1, wd_e, p))
     p0 = torch.where(decoupled, p * (1 - lr_e * wd_e), p)
-    m_new = b1 * m + (1 - b1) * g2
+    m_new = torch.lerp(m, g2, 1 - b1)  # torch.optim's exp_avg.lerp_(grad, 1 - beta1)
     v_new = b2 * v + (1 - b2) * g2 * g2
     has_max = max_exp_avg_sq.numel() > 0
     if has_max:
@@ -361,7 +373,8 @@ def _adam_forward_math(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, layou
     # produces a NaN that a gradient could multiply by zero.
     u = torch.where(act, u, 1)
     pos = u > 0
-    s = torch.sqrt(torch.where(pos, u, 1)) * pos
+    # sqrt(0) = 0 with a finite derivative; a NaN (or negative) u stays NaN, as in torch.
+    s = torch.where(u == 0, 0, torch.sqrt(torch.where(u == 0, 1, u)))
     # Per-segment scalars in float64 (as the kernels), then cast to the compute type.
     t_seg = layout.seg_t
     b1_seg, b2_seg = beta1.double()[layout.seg_group], beta2.double()[layout.seg_group]
@@ -475,6 +488,9 @@ def adam_step_backward(
                            grad_max_exp_avg_sq_out=grad_max_exp_avg_sq_out))
     layout = _layout(op, params, segments, group_flags, check)
     n = params.numel()
+    if check:
+        _check_optional(op, "max_exp_avg_sq", max_exp_avg_sq, n,
+                        _flag(group_flags, layout, ADAM_AMSGRAD) & layout.active)
     f = _adam_forward_math(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, layout, lr,
                            beta1, beta2, eps, weight_decay, group_flags)
     act, p = layout.active, f["p"]
@@ -501,7 +517,7 @@ def adam_step_backward(
     g2, b1, b2, wd_e, lr_e = f["g2"], f["b1"], f["b2"], f["wd_e"], f["lr_e"]
     dec = f["decoupled"]
     G2 = Mt * (1 - b1) + Vt * (1 - b2) * 2 * g2
-    grad_p = torch.where(dec, P * (1 - lr_e * wd_e), P + wd_e * G2)
+    grad_p = torch.where(dec, P * (1 - lr_e * wd_e), _add_scaled(P, wd_e, G2))
     grad_p = torch.where(act, grad_p, P)
     grad_g = torch.where(act, torch.where(f["maximize"], -G2, G2), 0)
     grad_m = torch.where(act, Mt * b1, M)
