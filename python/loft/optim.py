@@ -53,6 +53,41 @@ def _find_index(param: Tensor, params: Sequence[Tensor]) -> int | None:
     return None
 
 
+def _check_loss(loss: Any) -> None:
+    """``step``'s loss: a tensor with one element that requires grad."""
+    if not isinstance(loss, Tensor):
+        raise TypeError(f"step: the loss must be a tensor, got {type(loss).__name__}")
+    if loss.numel() != 1:
+        raise RuntimeError(
+            f"step: the loss must be a scalar (one element), got shape {list(loss.shape)}; "
+            "reduce it first, e.g. loss.mean() or loss.sum()"
+        )
+    if not loss.requires_grad:
+        raise RuntimeError(
+            "step: the loss is not connected to the fast weights (it does not require grad). "
+            "Compute it from the patched model's output (fmodel(x), not model(x)) or from "
+            "the params passed to step, with grad mode enabled."
+        )
+
+
+def _check_override_value(name: str, value: Any, current: Any) -> None:
+    """One group's ``override[name]``: the structure of the value it replaces (a pair for
+    ``betas``), and tensors holding one element."""
+    if isinstance(current, (list, tuple)):
+        if isinstance(value, Tensor) and value.dim() == 1 and len(value) == len(current):
+            return
+        if not isinstance(value, (list, tuple)) or len(value) != len(current):
+            raise ValueError(
+                f"override[{name!r}] values must be {type(current).__name__}s of "
+                f"{len(current)} like {current!r}, got {value!r}"
+            )
+        for part in value:
+            _check_override_value(name, part, None)
+    elif isinstance(value, Tensor) and value.numel() != 1:
+        raise ValueError(f"override[{name!r}]: a tensor value must hold one element, got "
+                         f"shape {list(value.shape)}")
+
+
 def _as_int_step(value: Any) -> int:
     if isinstance(value, Tensor):
         return int(value.item())
@@ -123,13 +158,27 @@ class DifferentiableOptimizer:
     # ---- higher's API ------------------------------------------------------------------
 
     def _apply_override(self, override: _Override) -> None:
+        """Set ``override``'s values in the param groups, after checking each entry: one
+        value or one per group, the structure of the value it replaces (``betas``: a
+        pair), tensors of one element, and (for loft's own optimisers, which read a fixed
+        set of keys) a key that the groups have, so that a typo is not silently ignored."""
+        known = {key for group in self.param_groups for key in group if key != "params"}
         for name, values in override.items():
+            if (name not in known and self.param_groups
+                    and type(self)._update is DifferentiableOptimizer._update):
+                raise ValueError(
+                    f"override[{name!r}]: {type(self).__name__}'s param groups have no "
+                    f"hyperparameter {name!r} (they have: {', '.join(sorted(known))})"
+                )
             values = list(values) if isinstance(values, (list, tuple)) else [values]
             if len(values) not in (1, len(self.param_groups)):
                 raise ValueError(
                     f"override[{name!r}] must hold 1 value or one per param group "
                     f"({len(self.param_groups)}), got {len(values)}"
                 )
+            for i, group in enumerate(self.param_groups):
+                _check_override_value(name, values[0] if len(values) == 1 else values[i],
+                                      group.get(name))
             for i, group in enumerate(self.param_groups):
                 group[name] = values[0] if len(values) == 1 else values[i]
 
@@ -147,9 +196,15 @@ class DifferentiableOptimizer:
         the fast weights (``create_graph`` while tracking), ``grad_callback`` (this call's,
         else the constructor's), then the update. Parameters that get no gradient
         (unused, or ``requires_grad=False``) are left exactly as they are.
+
+        Raises ``RuntimeError`` (as torch's autograd, and so higher, does for the first
+        two) for a loss that is not a one-element tensor or that is not connected to the
+        fast weights the optimizer updates, and ``ValueError``/``TypeError`` for
+        ``params`` of the wrong length, shapes or types.
         """
         if override is not None:
             self._apply_override(override)
+        _check_loss(loss)
         if self._fmodel is None or self._fmodel.fast_params is None:
             if params is None:
                 raise ValueError(
@@ -164,10 +219,18 @@ class DifferentiableOptimizer:
                 f"step: expected {self._num_params} parameters (the optimizer's reference "
                 f"parameters), got {len(params)}"
             )
+        self._check_params(params)
         targets = [p if p.requires_grad else torch.tensor([], requires_grad=True) for p in params]
         all_grads: Sequence[Tensor | None] = torch.autograd.grad(
             loss, targets, create_graph=self._track_higher_grads, allow_unused=True
         )
+        if not any(g is not None and p.requires_grad and self._group_of[i] is not None
+                   for i, (g, p) in enumerate(zip(all_grads, params))):
+            raise RuntimeError(
+                "step: the loss is not connected to the fast weights the optimizer updates "
+                "(every gradient is None). Compute it from the patched model's output "
+                "(fmodel(x), not model(x)) or from the params passed to step."
+            )
         callback = grad_callback if grad_callback is not None else self._grad_callback
         if callback is not None:
             all_grads = callback(list(all_grads))
@@ -177,6 +240,25 @@ class DifferentiableOptimizer:
         if self._fmodel is not None:
             self._fmodel.update_params(new_params)
         return new_params
+
+    def _check_params(self, params: list[Tensor]) -> None:
+        """``step``'s fast weights: tensors shaped as the reference parameters (the
+        shapes are read from the param groups at the first step, before any update)."""
+        shapes = self.__dict__.get("_reference_shapes")
+        if shapes is None:
+            shapes = [None] * self._num_params
+            for group, mapping in zip(self.param_groups, self._group_to_param_list):
+                for p, i in zip(group["params"], mapping):
+                    shapes[i] = p.shape
+            self._reference_shapes = shapes
+        for i, (p, shape) in enumerate(zip(params, shapes)):
+            if not isinstance(p, Tensor):
+                raise TypeError(f"step: params[{i}] must be a tensor, got {type(p).__name__}")
+            if shape is not None and p.shape != shape:
+                raise ValueError(
+                    f"step: params[{i}] has shape {list(p.shape)}, expected {list(shape)} "
+                    "(the shape of the optimizer's reference parameter)"
+                )
 
     def state_dict(self) -> dict[str, Any]:
         """The state in ``torch.optim.Optimizer.state_dict()``'s format (higher HEAD's
@@ -593,9 +675,18 @@ def get_diff_optim(
     """
     opt_type = type(opt)
     if opt_type not in _OPT_MAPPING:
+        name = f"{opt_type.__module__}.{opt_type.__qualname__}"
+        # As higher: the exact type decides. A subclass may change step(), so loft cannot
+        # assume that its parent's differentiable version computes the same update.
+        parent = next((t for t in opt_type.__mro__[1:] if t in _OPT_MAPPING), None)
+        hint = (f" It subclasses {parent.__module__}.{parent.__qualname__}: if its update is "
+                f"the same, register it with loft.register_optim({opt_type.__name__}, "
+                f"{_OPT_MAPPING[parent].__module__}.{_OPT_MAPPING[parent].__qualname__})."
+                if parent is not None else
+                " Use loft.register_optim(optim_type, diff_optim_type) to add one.")
         raise ValueError(
-            f"Optimizer type {opt_type} has no differentiable version in loft; supported: "
-            f"{sorted(t.__name__ for t in _OPT_MAPPING)}. Use loft.register_optim to add one."
+            f"Optimizer type {name} has no differentiable version in loft; supported: "
+            f"{', '.join(sorted(t.__name__ for t in _OPT_MAPPING))}.{hint}"
         )
     return _OPT_MAPPING[opt_type](opt, reference_params, fmodel=fmodel, device=device,
                                   override=override, track_higher_grads=track_higher_grads,
