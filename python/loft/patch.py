@@ -203,7 +203,7 @@ class FunctionalModule(_PatchedView, nn.Module):
         nn.Module.__init__(self)
         target = _structural_copy(module)
         # Kept outside nn.Module's registries: the placeholders are not parameters of ours.
-        for name, value in (("_root", self), ("_prefix", ""), ("_target", target),
+        for name, value in (("_prefix", ""), ("_target", target),
                             ("_source", module), ("_entries", _param_entries(module)),
                             ("_fast_params", None), ("_times", []), ("_slot_cache", {}),
                             ("_track_higher_grads", bool(track_higher_grads))):
@@ -211,6 +211,14 @@ class FunctionalModule(_PatchedView, nn.Module):
         object.__setattr__(self, "_shapes", [p.shape for p in module.parameters()])
         object.__setattr__(self, "_num_params", len(self._shapes))
         object.__setattr__(self, "training", target.training)
+
+    @property
+    def _root(self) -> FunctionalModule:
+        # The root view is itself. A property, not an attribute pointing to self: such a
+        # cycle would keep every finished inner loop's history (and through it the
+        # autograd graph of the whole unroll) alive until Python's cyclic collector ran,
+        # so memory (host and GPU) grew between collections.
+        return self
 
     # ---- fast weights ------------------------------------------------------------------
 
