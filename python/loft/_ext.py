@@ -74,9 +74,16 @@ def _sources(src: Path, cuda: bool) -> list[Path]:
     return files
 
 
+def _extra_flags() -> list[str]:
+    """``$LOFT_EXTRA_CFLAGS``, split on whitespace: added to the host compiler's and the
+    linker's flags (and so to the build key), e.g. ``-fsanitize=address`` for a build
+    checked by AddressSanitizer (``tests/asan_ops.py``)."""
+    return os.environ.get("LOFT_EXTRA_CFLAGS", "").split()
+
+
 def _cflags() -> list[str]:
     # -fno-math-errno lets gcc vectorise sqrt (Adam is 2-8x slower without it).
-    return ["-O3", "-fopenmp", "-fno-math-errno", "-march=native"]
+    return ["-O3", "-fopenmp", "-fno-math-errno", "-march=native"] + _extra_flags()
 
 
 def _cuda_cflags() -> list[str]:
@@ -144,7 +151,7 @@ def _build_and_load(src: Path, cuda: bool) -> None:
             sources=[str(s) for s in sources],
             extra_cflags=_cflags(),
             extra_cuda_cflags=_cuda_cflags() if cuda else None,
-            extra_ldflags=["-fopenmp"],
+            extra_ldflags=["-fopenmp"] + _extra_flags(),
             extra_include_paths=[str(src)],
             build_directory=str(build_dir),
             is_python_module=False,
