@@ -79,6 +79,8 @@ def test_broken_compiler_falls_back_with_one_warning(tmp_path: Path) -> None:
         loft.backend()
     mine = [w for w in caught if "loft could not build" in str(w.message)]
     print(backend, len(mine), mine[0].category.__name__ if mine else None)
+    print(repr(str(mine[0].message)) if mine else None)
+    print(loft.backend_reason())
     # And the reference path gives the right numbers.
     m = torch.nn.Linear(2, 1).double()
     opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
@@ -88,10 +90,28 @@ def test_broken_compiler_falls_back_with_one_warning(tmp_path: Path) -> None:
         w = list(f.parameters())[0]
     g = 2 * (m(x).detach() * x).mean(0)
     print(torch.allclose(w, m.weight - 0.1 * g))
+    # Adam, three steps, against torch.optim on a twin.
+    twin = torch.nn.Linear(2, 1).double()
+    twin.load_state_dict(m.state_dict())
+    twin_opt = torch.optim.Adam(twin.parameters(), lr=0.1, amsgrad=True)
+    with loft.innerloop_ctx(m, torch.optim.Adam(m.parameters(), lr=0.1, amsgrad=True)) as (f, d):
+        for k in range(3):
+            d.step(f(x * k).pow(2).mean())
+            twin_opt.zero_grad()
+            twin(x * k).pow(2).mean().backward()
+            twin_opt.step()
+        print(all(torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+                  for a, b in zip(f.parameters(), twin.parameters())))
     """
     out = _run(code, CXX="/bin/false", LOFT_CACHE_DIR=str(tmp_path / "cache"))
     assert out.returncode == 0, out.stderr
-    assert out.stdout.splitlines() == ["reference 1 UserWarning", "True"], out.stdout
+    lines = out.stdout.splitlines()
+    assert lines[0] == "reference 1 UserWarning", out.stdout
+    # The one warning says why: the compiler that failed, and what loft does instead.
+    assert "/bin/false" in lines[1] and "reference path" in lines[1], lines[1]
+    assert lines[2].startswith("the C++ build failed") and "/bin/false" in lines[2], lines[2]
+    assert lines[3:] == ["True", "True"], out.stdout
+    assert not list((tmp_path / "cache").glob("*/*.so"))  # nothing half-built was kept
 
 
 @pytest.mark.slow
