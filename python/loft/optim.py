@@ -20,8 +20,8 @@ import torch
 from torch import Tensor
 
 from loft import ops, reference
-from loft._step import bucket_step
 from loft import utils as _utils
+from loft._step import bucket_step, shift_step
 from loft.flat import Bucket, hyper_tensor, make_buckets
 
 __all__ = [
@@ -109,6 +109,11 @@ class DifferentiableOptimizer:
         grad_callback: applied to the list of gradients before every update.
         track_higher_grads: ``False`` takes gradients without ``create_graph`` and
             detaches the new weights ("test mode").
+        first_order: ``True`` takes the inner gradients without ``create_graph``: the
+            update stays differentiable with respect to the weights, the state and the
+            hyperparameters, but treats the gradients as constants (first-order MAML;
+            for plain SGD the meta-gradient on the initial weights is then the
+            query-loss gradient at the final weights).
     """
 
     def __init__(
@@ -120,9 +125,11 @@ class DifferentiableOptimizer:
         override: _Override | None = None,
         grad_callback: _GradCallback | None = None,
         track_higher_grads: bool = True,
+        first_order: bool = False,
         **kwargs: Any,
     ) -> None:
         reference_params = list(reference_params)
+        self._first_order = bool(first_order)
         self._fmodel = fmodel
         self._device = torch.device(device) if device is not None else None
         self._grad_callback = grad_callback
@@ -222,7 +229,8 @@ class DifferentiableOptimizer:
         self._check_params(params)
         targets = [p if p.requires_grad else torch.tensor([], requires_grad=True) for p in params]
         all_grads: Sequence[Tensor | None] = torch.autograd.grad(
-            loss, targets, create_graph=self._track_higher_grads, allow_unused=True
+            loss, targets, create_graph=self._track_higher_grads and not self._first_order,
+            allow_unused=True
         )
         if not any(g is not None and p.requires_grad and self._group_of[i] is not None
                    for i, (g, p) in enumerate(zip(all_grads, params))):
@@ -282,6 +290,41 @@ class DifferentiableOptimizer:
             groups.append(copied)
         return {"state": state, "param_groups": groups}
 
+    def truncate(self) -> list[Tensor]:
+        """Cut the tape here (truncated backpropagation through the inner loop).
+
+        The fast weights and the optimiser state are detached (the weights stay leaves
+        that require grad where they did), and ``fmodel``'s history before this step is
+        dropped, so a later meta-backward stops here and the graph of the steps so far
+        can be freed. Calling it every ``k`` steps bounds the memory of a long inner
+        loop by ``k`` steps. Tensor hyperparameters keep receiving gradients from the
+        steps after the cut. Returns the detached fast weights.
+        """
+        params = self._current_params()
+        if params is None:
+            raise ValueError("truncate: no fast weights yet (give the optimizer an fmodel, "
+                             "or call step(..., params=...) first)")
+        new_params = self._detach_params(params)
+        self._last_params = list(new_params)
+        if self._fmodel is not None:
+            self._fmodel._replace_history(self._fmodel._times[-1:], [new_params])
+        return new_params
+
+    def _current_params(self) -> list[Tensor] | None:
+        if self._fmodel is not None and self._fmodel.fast_params is not None:
+            return list(self._fmodel.fast_params)
+        last = getattr(self, "_last_params", None)
+        return None if last is None or any(p is None for p in last) else list(last)
+
+    def _detach_params(self, params: list[Tensor]) -> list[Tensor]:
+        """Detached weights; the per-tensor state (higher's layout) is detached too."""
+        for group_state in self.state:
+            for entry in group_state.values():
+                for key, value in entry.items():
+                    if isinstance(value, Tensor):
+                        entry[key] = value.detach()
+        return [p.detach().requires_grad_(p.requires_grad) for p in params]
+
     def _export_state(self, entry: dict[str, Any]) -> dict[str, Any] | None:
         """One tensor's state as torch.optim keeps it (detached copies; ``step`` as the
         float tensor torch uses). ``None``: torch would have no state for it yet."""
@@ -322,6 +365,7 @@ class DifferentiableOptimizer:
         for group, mapping in zip(self.param_groups, self._group_to_param_list):
             for p, index in zip(group["params"], mapping):
                 new_params[index] = p if self._track_higher_grads else p.detach().requires_grad_()
+        self._last_params = list(new_params)
         return new_params
 
     def _copy_state(self, other: torch.optim.Optimizer,
@@ -512,6 +556,22 @@ class _FlatOptimizer(DifferentiableOptimizer):
         self._last_params = list(new_params)
         return new_params
 
+    def _detach_params(self, params: list[Tensor]) -> list[Tensor]:
+        if self._buckets is None or type(self)._update is not DifferentiableOptimizer._update:
+            return super()._detach_params(params)
+        new_params = [p.detach().requires_grad_(p.requires_grad) for p in params]
+        for k, b in enumerate(self._buckets):
+            self._flat_state[k] = {n: t.detach() for n, t in self._flat_state[k].items()}
+            base = self._flat_params[k]
+            if base is None or not all(params[i] is self._last_params[i] for i in b.indices):
+                continue
+            # Keep the weights as views of one (detached) flat buffer: no copy next step.
+            base = base.detach()
+            self._flat_params[k] = base
+            for view, i in zip(b.detached_views(base), b.indices):
+                new_params[i] = view.requires_grad_(params[i].requires_grad)
+        return new_params
+
     def _step_bucket(self, b: Bucket, base: Tensor | None, views: list[Tensor],
                      grads: list[Tensor | None], state: dict[str, Tensor], segments: Tensor,
                      hyper: dict[str, Tensor],
@@ -524,6 +584,14 @@ class _FlatOptimizer(DifferentiableOptimizer):
         the flat buffers, and split.
         """
         spec = self._spec
+        if spec is not None and self._first_order and _constant_shift(grads, state, hyper):
+            # First order, nothing that needs a gradient enters the update but the weights:
+            # p' = p - delta with delta constant. Compute it without a graph and record
+            # one pass-through node (it saves nothing, so the state can be freed).
+            new_views, new_state = shift_step(
+                spec, b, base, views, grads, [state[n] for n in self._state_names],
+                [hyper[n] for n in self._hyper_names], segments, flags)
+            return new_views, dict(zip(self._state_names, new_state))
         if spec is not None:
             new_views, new_state = bucket_step(
                 spec, b, base, views, grads, [state[n] for n in self._state_names],
@@ -534,6 +602,19 @@ class _FlatOptimizer(DifferentiableOptimizer):
         p_new, state_new = self._call_op(b.flatten(views), b.flatten(grads), state, segments,
                                          hyper, flags)
         return b.views(p_new), state_new
+
+
+def _constant_shift(grads: list[Tensor | None], state: dict[str, Tensor],
+                    hyper: dict[str, Tensor]) -> bool:
+    """Whether a fused SGD/Adam(W) update is ``p - delta`` with ``delta`` independent of
+    anything that requires grad: constant gradients (first order), state and
+    hyperparameters, and no weight decay (which would tie ``delta`` or a scale to ``p``)."""
+    if any(g is not None and g.requires_grad for g in grads):
+        return False
+    if any(t.requires_grad for t in state.values()) or \
+            any(h.requires_grad for h in hyper.values()):
+        return False
+    return not bool(hyper["weight_decay"].any())
 
 
 class DifferentiableSGD(_FlatOptimizer):
@@ -666,12 +747,14 @@ def get_diff_optim(
     device: torch.device | str | None = None,
     override: _Override | None = None,
     track_higher_grads: bool = True,
+    first_order: bool = False,
     **kwargs: Any,
 ) -> DifferentiableOptimizer:
     """The differentiable version of ``opt`` (higher's ``get_diff_optim``).
 
     ``opt``'s type must be registered (SGD, Adam, AdamW built in; see
-    :func:`register_optim`); its param groups and state are copied.
+    :func:`register_optim`); its param groups and state are copied. ``first_order``:
+    see :class:`DifferentiableOptimizer`.
     """
     opt_type = type(opt)
     if opt_type not in _OPT_MAPPING:
@@ -690,7 +773,7 @@ def get_diff_optim(
         )
     return _OPT_MAPPING[opt_type](opt, reference_params, fmodel=fmodel, device=device,
                                   override=override, track_higher_grads=track_higher_grads,
-                                  **kwargs)
+                                  first_order=first_order, **kwargs)
 
 
 def create_diff_optim(
