@@ -13,6 +13,7 @@ operations, recomputed in the same order, with the same random numbers and buffe
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -94,7 +95,35 @@ def unroll(fmodel: FunctionalModule, diffopt: DifferentiableOptimizer, loss_fn: 
     steps = len(batches)  # type: ignore[arg-type]
     if steps == 0:
         return []
-    return _Runner(fmodel, diffopt, loss_fn, batches).run(checkpoint_every)  # type: ignore[arg-type]
+    if diffopt._buckets is None:
+        diffopt._setup(list(fmodel.fast_params))
+    runner = _Runner(*_private_copies(fmodel, diffopt), loss_fn, batches)  # type: ignore[arg-type]
+    return runner.run(fmodel, diffopt, checkpoint_every)
+
+
+def _private_copies(fmodel: FunctionalModule,
+                    diffopt: _FlatOptimizer) -> tuple[FunctionalModule, _FlatOptimizer]:
+    """Copies of ``fmodel`` and ``diffopt`` for running and replaying the segments.
+
+    The graph of a checkpointed unroll holds the runner (for the recomputation), and
+    ``fmodel``'s history holds that graph: if the runner held ``fmodel`` itself, the two
+    would form a cycle through autograd's nodes, which Python's collector cannot see, and
+    every such inner loop would stay in memory. The copies share the module (its
+    buffers), the hyperparameters and the layout, and nothing points back to the
+    originals.
+    """
+    f = copy.copy(fmodel)
+    object.__setattr__(f, "_fast_params", [list(fmodel.fast_params)])
+    object.__setattr__(f, "_times", [fmodel._times[-1]])
+    d = copy.copy(diffopt)
+    d._fmodel = f
+    d.param_groups = [dict(group) for group in diffopt.param_groups]
+    d._flat_params = list(diffopt._flat_params)
+    d._flat_state = [dict(state) for state in diffopt._flat_state]
+    d._steps = list(diffopt._steps)
+    d._last_params = list(diffopt._last_params)
+    d.__dict__["_hyper_cache"] = {}
+    return f, d
 
 
 class _Runner:
@@ -221,19 +250,20 @@ class _Runner:
                         found.append(leaf)
         return found
 
-    def run(self, k: int) -> list[Tensor]:
+    def run(self, fmodel: FunctionalModule, diffopt: _FlatOptimizer, k: int) -> list[Tensor]:
+        """Run the segments on the private copies, recording each checkpoint in the
+        user's ``fmodel`` history and leaving ``diffopt`` at the final state."""
         d, f = self.diffopt, self.fmodel
         start_params = list(f.fast_params)
-        if d._buckets is None:
-            d._setup(start_params)
         assert d._buckets is not None
         buckets = d._buckets
+        nb, names = len(buckets), d._state_names
         # The first segment's flat weights: a differentiable concatenation of the current
         # fast weights (whatever graph they hang on).
         flats = [b.flatten([start_params[i] for i in b.indices]) for b in buckets]
-        flats += [s[name] for s in d._flat_state for name in d._state_names]
+        flats += [s[name] for s in d._flat_state for name in names]
         hyper = self.hyper()
-        history, times = list(f._fast_params), list(f._times)
+        history, times = list(fmodel._fast_params), list(fmodel._times)
         t0 = times[-1]
         total = len(self.batches)
         self._dry_run(flats)
@@ -242,20 +272,18 @@ class _Runner:
             outs = _Segment.apply(self, start, stop, len(flats), len(hyper), *flats, *hyper,
                                   *self.extras)
             flats = list(outs)
-            entry = list(f.fast_params)
-            for b, base in zip(buckets, flats[:len(buckets)]):
+            entry = list(start_params)
+            for b, base in zip(buckets, flats[:nb]):
                 for i, view in zip(b.indices, b.views(base)):
                     entry[i] = view
             history.append(entry)
             times.append(t0 + stop)
-            f._replace_history(times, history)
-            d._last_params = list(entry)
-            for kk, base in enumerate(flats[:len(buckets)]):
-                d._flat_params[kk] = base
-            n_names = len(d._state_names)
-            for kk in range(len(buckets)):
-                d._flat_state[kk] = {name: flats[len(buckets) + kk * n_names + j]
-                                     for j, name in enumerate(d._state_names)}
+        fmodel._replace_history(times, history)
+        diffopt._last_params = list(history[-1])
+        diffopt._flat_params = list(flats[:nb])
+        diffopt._flat_state = [{name: flats[nb + kk * len(names) + j]
+                                for j, name in enumerate(names)} for kk in range(nb)]
+        diffopt._steps = list(d._steps)
         return self.losses
 
 
