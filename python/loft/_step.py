@@ -38,6 +38,11 @@ def _cat(bucket: Bucket, parts: Sequence[Tensor | None], like: Tensor) -> Tensor
     """The flat buffer of ``parts`` (``None``: zeros), in ``bucket``'s dtype and device."""
     if not parts:
         return like.new_empty(0)
+    if not torch.is_grad_enabled() and all(
+            t is not None and t.dtype == bucket.dtype and t.device == bucket.device
+            for t in parts):
+        # One C++ call instead of a reshape per tensor (a per-step cost on small models).
+        return torch._C._nn.flatten_dense_tensors(list(parts))
     return torch.cat([
         torch.zeros(n, dtype=bucket.dtype, device=bucket.device) if t is None
         else t.reshape(-1).to(device=bucket.device, dtype=bucket.dtype)
@@ -45,10 +50,17 @@ def _cat(bucket: Bucket, parts: Sequence[Tensor | None], like: Tensor) -> Tensor
     ])
 
 
+def _views(bucket: Bucket, flat: Tensor) -> list[Tensor]:
+    """``flat`` cut into views of ``bucket``'s shapes."""
+    if torch.is_grad_enabled() or any(n == 0 for n in bucket.numels):
+        return [part.view(shape) for part, shape in zip(flat.split(bucket.numels),
+                                                        bucket.shapes)]
+    return list(torch._C._nn.unflatten_dense_tensors(flat, bucket.templates()))
+
+
 def _split(bucket: Bucket, flat: Tensor, wanted: Sequence[bool]) -> list[Tensor | None]:
     """``flat`` cut into ``bucket``'s shapes; ``None`` where not ``wanted``."""
-    return [part.view(shape) if want else None
-            for part, shape, want in zip(flat.split(bucket.numels), bucket.shapes, wanted)]
+    return [part if want else None for part, want in zip(_views(bucket, flat), wanted)]
 
 
 class _BucketStep(torch.autograd.Function):
@@ -81,9 +93,7 @@ class _BucketStep(torch.autograd.Function):
             ctx.state_numels = [t.numel() for t in state]
             ctx.save_for_backward(segments, *hyper, flags)
         ctx.set_materialize_grads(False)
-        new_views = tuple(part.view(shape) for part, shape in
-                          zip(outs[0].split(bucket.numels), bucket.shapes))
-        return new_views + tuple(outs[1:])
+        return tuple(_views(bucket, outs[0])) + tuple(outs[1:])
 
     @staticmethod
     def backward(ctx: Any, *grad_outputs: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
@@ -211,8 +221,7 @@ class _Shift(torch.autograd.Function):
     def forward(ctx: Any, bucket: Bucket, new_flat: Tensor,  # type: ignore[override]
                 *views: Tensor) -> tuple[Tensor, ...]:
         ctx.set_materialize_grads(False)
-        return tuple(part.view(shape) for part, shape in
-                     zip(new_flat.split(bucket.numels), bucket.shapes))
+        return tuple(_views(bucket, new_flat))
 
     @staticmethod
     def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]

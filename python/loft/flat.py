@@ -59,12 +59,35 @@ class Bucket:
             return []
         return list(_Views.apply(self, flat))
 
+    def templates(self) -> list[Tensor]:
+        """Shape-only (meta) tensors of the parameters, for one-call flatten/unflatten."""
+        cached = self.__dict__.get("_templates")
+        if cached is None:
+            cached = [torch.empty(shape, device="meta") for shape in self.shapes]
+            self.__dict__["_templates"] = cached
+        return cached
+
     def detached_views(self, flat: Tensor) -> list[Tensor]:
         """The parameters as plain views into ``flat`` (no autograd node)."""
         return [part.view(shape) for part, shape in zip(flat.split(self.numels), self.shapes)]
 
     def segments(self, steps: Sequence[int], active: Sequence[bool]) -> Tensor:
         """The ``[S, 5]`` int64 segment table for one step."""
+        first = steps[0] if steps else 0
+        if all(active) and all(st == first for st in steps):
+            # The usual step: every tensor active, one step count. Fill a copy of the
+            # constant columns instead of building the table from Python lists.
+            base = self.__dict__.get("_segment_base")
+            if base is None:
+                base = self._table([0] * len(self.numels), [True] * len(self.numels))
+                self.__dict__["_segment_base"] = base
+            table = base.clone()
+            if first:
+                table[:, 3] = first
+            return table
+        return self._table(steps, active)
+
+    def _table(self, steps: Sequence[int], active: Sequence[bool]) -> Tensor:
         rows = [
             [off, n, grp, st, int(act)]
             for off, n, grp, st, act in zip(self.offsets, self.numels, self.groups, steps, active)
