@@ -62,7 +62,15 @@ class _Spec:
 
     def backward_fn(self, device: torch.device, differentiable: bool) -> Callable[..., Any]:
         if not differentiable and _ext.has_device_kernels(device):
-            return getattr(torch.ops.loft, self.name + "_backward")
+            op = getattr(torch.ops.loft, self.name + "_backward").default
+
+            def below_autograd(*args: Any) -> Any:
+                # Not differentiated again (grad mode is off): skip the op's Python
+                # autograd registration, which costs more than the kernel on small buckets.
+                with torch._C._AutoDispatchBelowAutograd():
+                    return op(*args)
+
+            return below_autograd
         # The forward already validated these inputs.
         return functools.partial(getattr(reference, self.name + "_backward"), check=False)
 
