@@ -14,7 +14,8 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from loft.bench.long import DEFAULT_LONG_REPEATS, DEFAULT_LONG_STEPS, LONG_QUICK
 from loft.bench.suite import (
@@ -104,15 +105,21 @@ def main_long(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
     defaults = LONG_QUICK if args.quick else {"steps": DEFAULT_LONG_STEPS,
                                               "repeats": DEFAULT_LONG_REPEATS}
+    return _report(args, lambda: run_long_suite(
+        steps=args.steps or defaults["steps"],
+        repeats=args.repeats or defaults["repeats"],
+        threads=args.threads,
+        progress=not args.no_progress,
+        timeout=args.timeout,
+        command=shlex.join(["python", "-m", "loft.bench", *argv]),
+    ))
+
+
+def _report(args: argparse.Namespace, run: Callable[[], Any]) -> int:
+    """Run a suite, print its table and save its files; the exit status (2: bad
+    arguments, 1: every measurement failed)."""
     try:
-        result = run_long_suite(
-            steps=args.steps or defaults["steps"],
-            repeats=args.repeats or defaults["repeats"],
-            threads=args.threads,
-            progress=not args.no_progress,
-            timeout=args.timeout,
-            command=shlex.join(["python", "-m", "loft.bench", *argv]),
-        )
+        result = run()
     except ValueError as exc:
         print(f"loft.bench: {exc}", file=sys.stderr)
         return 2
@@ -130,28 +137,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     defaults = QUICK if args.quick else {"models": DEFAULT_MODELS,
                                          "optimizers": DEFAULT_OPTIMIZERS,
                                          "steps": DEFAULT_STEPS, "repeats": 5}
-    try:
-        result = run_suite(
-            models=_names(args.models) or defaults["models"],
-            optimizers=_names(args.optimizers) or defaults["optimizers"],
-            steps=args.steps or defaults["steps"],
-            implementations=_names(args.implementations),
-            repeats=args.repeats or defaults["repeats"],
-            device=args.device,
-            threads=args.threads,
-            floor=not args.no_floor,
-            progress=not args.no_progress,
-            timeout=args.timeout,
-            command=shlex.join(["python", "-m", "loft.bench", *argv]),
-            time_budget_s=args.time_budget,
-        )
-    except ValueError as exc:
-        print(f"loft.bench: {exc}", file=sys.stderr)
-        return 2
-    print(result.table())
-    paths = result.save(args.out, plot=not args.no_plot)
-    print("\nwrote " + ", ".join(str(p) for p in paths.values()))
-    return 1 if result.errors and len(result.errors) == len(result.records) else 0
+    return _report(args, lambda: run_suite(
+        models=_names(args.models) or defaults["models"],
+        optimizers=_names(args.optimizers) or defaults["optimizers"],
+        steps=args.steps or defaults["steps"],
+        implementations=_names(args.implementations),
+        repeats=args.repeats or defaults["repeats"],
+        device=args.device,
+        threads=args.threads,
+        floor=not args.no_floor,
+        progress=not args.no_progress,
+        timeout=args.timeout,
+        command=shlex.join(["python", "-m", "loft.bench", *argv]),
+        time_budget_s=args.time_budget,
+    ))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from loft.bench.long import LongResult
@@ -69,13 +69,9 @@ def plot_results(result: SuiteResult, path: str | os.PathLike[str]) -> Path:
             ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize=8)
     meta = result.meta
-    fig.suptitle(f"loft.bench: {meta.get('device', 'cpu')}, {meta.get('threads')} thread(s), "
-                 f"torch {meta.get('torch')}, {meta.get('date', '')}", fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 0.98))
-    out = Path(path)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save(fig, f"loft.bench: {meta.get('device', 'cpu')}, {meta.get('threads')} "
+                      f"thread(s), torch {meta.get('torch')}, {meta.get('date', '')}",
+                 10, 0.98, path)
 
 
 _LONG_STYLE = {
@@ -125,10 +121,17 @@ def plot_long(result: LongResult, path: str | os.PathLike[str]) -> Path:
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize=8)
     meta = result.meta
-    fig.suptitle(f"loft.bench --long: 8 x Linear(128,128), Adam, batch 32; "
-                 f"{meta.get('threads')} thread(s), torch {meta.get('torch')}, "
-                 f"{meta.get('date', '')}", fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    return _save(fig, f"loft.bench --long: 8 x Linear(128,128), Adam, batch 32; "
+                      f"{meta.get('threads')} thread(s), torch {meta.get('torch')}, "
+                      f"{meta.get('date', '')}", 9, 0.95, path)
+
+
+def _save(fig: Any, title: str, fontsize: int, top: float, path: str | Path) -> Path:
+    """Title the figure, lay it out below the title, write it as a PNG and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title, fontsize=fontsize)
+    fig.tight_layout(rect=(0, 0, 1, top))
     out = Path(path)
     fig.savefig(out, dpi=100)
     plt.close(fig)
