@@ -187,3 +187,21 @@ def test_maml_omniglot_missing_data_is_a_usage_error(tmp_path: Path) -> None:
     out = _run("maml_omniglot.py", "--data", str(tmp_path / "nowhere"), check=False)
     assert out.returncode == 2
     assert "images_background" in out.stderr and "is not a directory" in out.stderr
+
+
+def test_long_inner_loop_modes() -> None:
+    """Checkpointing gives the full unroll's meta-gradient (checked in float64 by the script)
+    and the same meta-training; truncation and first order run and learn something else."""
+    common = ("--inner-steps", "30", "--checkpoint-every", "7", "--meta-steps", "2")
+    outputs = {mode: _run("long_inner_loop.py", "--mode", mode, *common).stdout
+               for mode in ("full", "checkpoint", "truncate", "first-order")}
+    assert _figure(outputs["checkpoint"], "relative difference:") < 1e-10
+    grad = {mode: _figure(out, "d(log lr):") for mode, out in outputs.items()}
+    final = {mode: (_figure(out, "final query loss"), _figure(out, "learned inner lr"))
+             for mode, out in outputs.items()}
+    assert grad["checkpoint"] == pytest.approx(grad["full"], rel=1e-4)
+    assert final["checkpoint"] == pytest.approx(final["full"], rel=1e-4)
+    assert all(np.isfinite(v).all() for v in final.values())
+    # Truncation sees only the last 7 of 30 steps, first order drops the second-order terms.
+    assert grad["truncate"] != pytest.approx(grad["full"], rel=1e-2)
+    assert grad["first-order"] != pytest.approx(grad["full"], rel=1e-2)
