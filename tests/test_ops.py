@@ -286,3 +286,33 @@ def test_backward_rejects_bad_upstream(op: str, fused: None) -> None:
 def test_ops_are_registered(fused: None) -> None:
     for name in ("sgd_step", "sgd_step_backward", "adam_step", "adam_step_backward"):
         assert hasattr(torch.ops.loft, name)
+
+
+@pytest.mark.parametrize("op", [SGD, ADAM])
+@pytest.mark.parametrize("step", [0, 3])
+@pytest.mark.parametrize("flags", [0, 1, 2, 3, 4, 5, 6, 7])
+def test_reference_uniform_table_equals_the_expanded_layout(
+        op: str, step: int, flags: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reference's broadcast path (one group, all active, one step count) gives what
+    the per-element expansion gives, forward and backward with every hyperparameter."""
+    sizes = [5, 1, 33, 4]
+    case = make_case(op, sizes, torch.float64, [flags], seed=step + 10 * flags, inactive_every=0)
+    case["segments"][:, 3] = step
+    gen = torch.Generator().manual_seed(1)
+    n_out = len(BUFFERS[op]) - 1
+    upstream = [torch.randn(sum(sizes), generator=gen, dtype=torch.float64)
+                if case[b].numel() else case[b] for b in BUFFERS[op] if b != "grads"]
+    forward = getattr(reference, op)
+    backward = getattr(reference, op + "_backward")
+    mask = (1 << len(HYPER[op])) - 1
+    results = []
+    for concrete in (True, False):
+        monkeypatch.setattr(reference, "_concrete", lambda t, c=concrete: c)
+        outs = forward(*args_of(op, case))
+        grads = backward(*upstream[:n_out], *args_of(op, case), mask)
+        results.append([*outs, *grads])
+    uniform, expanded = results
+    assert len(uniform) == len(expanded)
+    for a, b in zip(uniform, expanded):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-14)

@@ -60,9 +60,14 @@ class _Layout(NamedTuple):
     numels: Tensor  # [S] int64
     seg_group: Tensor  # [S] int64
     seg_t: Tensor  # [S] float64: t = step + 1, the step count after an update
+    # True: every segment has the same group, step and active flag, and group, active
+    # and first hold that one value ([1], broadcast against the elements).
+    uniform: bool = False
 
     def per_segment(self, values: Tensor, dtype: torch.dtype) -> Tensor:
         """Expand a [S] per-segment value to the elements, cast to ``dtype``."""
+        if self.uniform:
+            return values[:1].to(dtype)
         n = int(self.group.numel())
         return torch.repeat_interleave(values.to(dtype), self.numels, output_size=n)
 
@@ -112,7 +117,7 @@ def _check_inputs(op: str, buffers: dict[str, Tensor], optional: str,
 
 
 def _layout(op: str, params: Tensor, segments: Tensor, group_flags: Tensor,
-            check: bool = True) -> _Layout:
+            check: bool = True, broadcast: bool = False) -> _Layout:
     """Check the segment table (as the C++ ops do) and expand it to the elements.
 
     ``check=False`` skips the data-dependent checks (inputs already validated), which
@@ -148,11 +153,24 @@ def _layout(op: str, params: Tensor, segments: Tensor, group_flags: Tensor,
             raise RuntimeError(f"{op}: segments active column must be 0 or 1")
     elif check and n != 0:
         raise RuntimeError(f"{op}: segments must tile the {n} elements of params in order")
+    seg_t = (steps + 1).to(torch.float64)
+    if broadcast and segments.size(0) > 0 and _concrete(segments) and bool(
+            (segments[:, 2:] == segments[:1, 2:]).all()):
+        # The usual step (one group, every tensor active, one step count): one value
+        # for all elements instead of [N] expansions (the fallback's main cost).
+        return _Layout(groups[:1], active[:1].bool(), steps[:1] == 0, g, numels, groups,
+                       seg_t, uniform=True)
     group_el = torch.repeat_interleave(groups, numels, output_size=n)
     active_el = torch.repeat_interleave(active, numels, output_size=n).bool()
     first_el = torch.repeat_interleave(steps == 0, numels, output_size=n)
-    return _Layout(group_el, active_el, first_el, g, numels, groups,
-                   (steps + 1).to(torch.float64))
+    return _Layout(group_el, active_el, first_el, g, numels, groups, seg_t)
+
+
+def _concrete(t: Tensor) -> bool:
+    """Whether ``t`` holds real values that may be read: a plain tensor, not a tracing
+    subclass (fake or functional tensors) and not under torch.compile."""
+    return (type(t) is torch.Tensor and t.device.type != "meta"
+            and not torch.compiler.is_compiling())
 
 
 def _flag(group_flags: Tensor, layout: _Layout, bit: int) -> Tensor:
@@ -167,7 +185,10 @@ def _zeros_or(t: Tensor, n: int, like: Tensor) -> Tensor:
 def _group_sum(values: Tensor, layout: _Layout, mask: Tensor, hyper: Tensor) -> Tensor:
     """Sum ``values`` over the active elements of each group, in float64."""
     acc = torch.zeros(layout.num_groups, dtype=torch.float64, device=values.device)
-    acc = acc.index_add(0, layout.group, torch.where(mask, values, 0).double())
+    masked = torch.where(mask, values, 0).double()
+    if layout.uniform:
+        masked = masked.sum().reshape(1)
+    acc = acc.index_add(0, layout.group, masked)
     return acc.to(hyper.dtype)
 
 
@@ -246,7 +267,7 @@ def sgd_step(
         _check_inputs(op, dict(params=params, grads=grads, momentum_buffer=momentum_buffer),
                       "momentum_buffer", dict(lr=lr, momentum=momentum, dampening=dampening,
                                               weight_decay=weight_decay), group_flags)
-    layout = _layout(op, params, segments, group_flags, check)
+    layout = _layout(op, params, segments, group_flags, check, broadcast=True)
     n = params.numel()
     if check:
         _check_optional(op, "momentum_buffer", momentum_buffer, n,
@@ -286,7 +307,7 @@ def sgd_step_backward(
                                               weight_decay=weight_decay), group_flags,
                       dict(grad_params_out=grad_params_out,
                            grad_momentum_buffer_out=grad_momentum_buffer_out))
-    layout = _layout(op, params, segments, group_flags, check)
+    layout = _layout(op, params, segments, group_flags, check, broadcast=True)
     n = params.numel()
     if check:
         _check_optional(op, "momentum_buffer", momentum_buffer, n,
@@ -430,7 +451,7 @@ def adam_step(
                                max_exp_avg_sq=max_exp_avg_sq), "max_exp_avg_sq",
                       dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay),
                       group_flags)
-    layout = _layout(op, params, segments, group_flags, check)
+    layout = _layout(op, params, segments, group_flags, check, broadcast=True)
     n = params.numel()
     if check:
         _check_optional(op, "max_exp_avg_sq", max_exp_avg_sq, n,
@@ -486,7 +507,7 @@ def adam_step_backward(
                       dict(grad_params_out=grad_params_out, grad_exp_avg_out=grad_exp_avg_out,
                            grad_exp_avg_sq_out=grad_exp_avg_sq_out,
                            grad_max_exp_avg_sq_out=grad_max_exp_avg_sq_out))
-    layout = _layout(op, params, segments, group_flags, check)
+    layout = _layout(op, params, segments, group_flags, check, broadcast=True)
     n = params.numel()
     if check:
         _check_optional(op, "max_exp_avg_sq", max_exp_avg_sq, n,
