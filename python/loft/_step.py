@@ -50,17 +50,9 @@ def _cat(bucket: Bucket, parts: Sequence[Tensor | None], like: Tensor) -> Tensor
     ])
 
 
-def _views(bucket: Bucket, flat: Tensor) -> list[Tensor]:
-    """``flat`` cut into views of ``bucket``'s shapes."""
-    if torch.is_grad_enabled() or any(n == 0 for n in bucket.numels):
-        return [part.view(shape) for part, shape in zip(flat.split(bucket.numels),
-                                                        bucket.shapes)]
-    return list(torch._C._nn.unflatten_dense_tensors(flat, bucket.templates()))
-
-
 def _split(bucket: Bucket, flat: Tensor, wanted: Sequence[bool]) -> list[Tensor | None]:
     """``flat`` cut into ``bucket``'s shapes; ``None`` where not ``wanted``."""
-    return [part if want else None for part, want in zip(_views(bucket, flat), wanted)]
+    return [part if want else None for part, want in zip(bucket.plain_views(flat), wanted)]
 
 
 class _BucketStep(torch.autograd.Function):
@@ -93,7 +85,7 @@ class _BucketStep(torch.autograd.Function):
             ctx.state_numels = [t.numel() for t in state]
             ctx.save_for_backward(segments, *hyper, flags)
         ctx.set_materialize_grads(False)
-        return tuple(_views(bucket, outs[0])) + tuple(outs[1:])
+        return tuple(bucket.plain_views(outs[0])) + tuple(outs[1:])
 
     @staticmethod
     def backward(ctx: Any, *grad_outputs: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
@@ -221,7 +213,7 @@ class _Shift(torch.autograd.Function):
     def forward(ctx: Any, bucket: Bucket, new_flat: Tensor,  # type: ignore[override]
                 *views: Tensor) -> tuple[Tensor, ...]:
         ctx.set_materialize_grads(False)
-        return tuple(_views(bucket, new_flat))
+        return tuple(bucket.plain_views(new_flat))
 
     @staticmethod
     def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]

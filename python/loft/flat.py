@@ -67,9 +67,13 @@ class Bucket:
             self.__dict__["_templates"] = cached
         return cached
 
-    def detached_views(self, flat: Tensor) -> list[Tensor]:
-        """The parameters as plain views into ``flat`` (no autograd node)."""
-        return [part.view(shape) for part, shape in zip(flat.split(self.numels), self.shapes)]
+    def plain_views(self, flat: Tensor) -> list[Tensor]:
+        """The parameters as views into ``flat`` with no autograd node of loft's (under
+        grad mode, torch's own view nodes; otherwise one C++ call for all of them)."""
+        if torch.is_grad_enabled() or any(n == 0 for n in self.numels):
+            return [part.view(shape) for part, shape in zip(flat.split(self.numels),
+                                                            self.shapes)]
+        return list(torch._C._nn.unflatten_dense_tensors(flat, self.templates()))
 
     def segments(self, steps: Sequence[int], active: Sequence[bool]) -> Tensor:
         """The ``[S, 5]`` int64 segment table for one step."""

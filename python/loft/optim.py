@@ -528,7 +528,7 @@ class _FlatOptimizer(DifferentiableOptimizer):
                 assert base is not None and base.numel() == b.numel, "views of one flat buffer"
                 if not self._track_higher_grads:
                     base = base.detach()
-                    views = b.detached_views(base)
+                    views = b.plain_views(base)
                     state_new = {n: t.detach() for n, t in state_new.items()}
                 self._flat_params[k] = base
                 self._flat_state[k] = state_new
@@ -566,7 +566,7 @@ class _FlatOptimizer(DifferentiableOptimizer):
             # Keep the weights as views of one (detached) flat buffer: no copy next step.
             base = base.detach()
             self._flat_params[k] = base
-            for view, i in zip(b.detached_views(base), b.indices):
+            for view, i in zip(b.plain_views(base), b.indices):
                 new_params[i] = view.requires_grad_(params[i].requires_grad)
         return new_params
 
