@@ -116,29 +116,44 @@ class _BucketStep(torch.autograd.Function):
             # reaches the views and the per-tensor gradients.
             params_flat = _cat(bucket, views, params_flat)
         flat_grads = _cat(bucket, grads, params_flat)
-        empty = params_flat.new_empty(0)
-        view_grads = grad_outputs[:s]
-        if any(g is not None for g in view_grads):
-            upstream_params = _cat(bucket, view_grads, params_flat)
-        else:
-            upstream_params = empty
-        upstream_state = [g.contiguous() if g is not None else empty
-                          for g in grad_outputs[s:]]
+        upstream_params, upstream_state = _upstream(bucket, grad_outputs, params_flat)
         fn = spec.backward_fn(params_flat.device, differentiable=differentiable)
         result = fn(upstream_params, *upstream_state, params_flat, flat_grads, *state, segments,
                     *hyper, flags, mask)
-        grad_params, grad_grads = result[0], result[1]
-        grad_state = result[2:spec.num_buffers]
-        grad_hyper = result[spec.num_buffers:]
+        return _input_grads(ctx, result)
 
-        out: list[Tensor | None] = [None, None, None]
-        out += _split(bucket, grad_params, needs[3:3 + s])
-        out += _split(bucket, grad_grads, [p and n for p, n in
-                                           zip(ctx.grad_present, needs[3 + s:3 + 2 * s])])
-        out += [g if needs[3 + 2 * s + i] else None for i, g in enumerate(grad_state)]
-        out += [g if needs[first_hyper + k] else None for k, g in enumerate(grad_hyper)]
-        out += [None, None]  # segments, flags
-        return tuple(out)
+
+def _upstream(bucket: Bucket, grad_outputs: Sequence[Tensor | None],
+              like: Tensor) -> tuple[Tensor, list[Tensor]]:
+    """The backward kernel's upstream gradients: the new weights' as one flat buffer, the
+    new state's as they are (0 elements: none)."""
+    s = len(bucket.numels)
+    empty = like.new_empty(0)
+    view_grads = grad_outputs[:s]
+    upstream_params = (_cat(bucket, view_grads, like)
+                       if any(g is not None for g in view_grads) else empty)
+    return upstream_params, [g.contiguous() if g is not None else empty
+                             for g in grad_outputs[s:]]
+
+
+def _input_grads(ctx: Any, result: Sequence[Tensor]) -> tuple[Tensor | None, ...]:
+    """The backward kernel's ``result`` as the gradients of :class:`_BucketStep`'s inputs
+    ``(spec, bucket, base, views..., grads..., state..., hyper..., segments, flags)``."""
+    spec: _Spec = ctx.spec
+    bucket: Bucket = ctx.bucket
+    s, n_state = len(bucket.numels), ctx.n_state
+    needs = ctx.needs_input_grad
+    first_hyper = 3 + 2 * s + n_state
+    out: list[Tensor | None] = [None, None, None]
+    out += _split(bucket, result[0], needs[3:3 + s])
+    out += _split(bucket, result[1], [p and n for p, n in
+                                      zip(ctx.grad_present, needs[3 + s:3 + 2 * s])])
+    out += [g if needs[3 + 2 * s + i] else None
+            for i, g in enumerate(result[2:spec.num_buffers])]
+    out += [g if needs[first_hyper + k] else None
+            for k, g in enumerate(result[spec.num_buffers:])]
+    out += [None, None]  # segments, flags
+    return tuple(out)
 
 
 def _linear_backward(ctx: Any, grad_outputs: Sequence[Tensor | None]) -> tuple:
@@ -156,28 +171,15 @@ def _linear_backward(ctx: Any, grad_outputs: Sequence[Tensor | None]) -> tuple:
     n_inputs = 3 + 2 * s + ctx.n_state + len(hyper) + 2
     if not present:
         return (None,) * n_inputs
-    like = present[0]
-    empty = like.new_empty(0)
-    upstream_params = _cat(bucket, view_grads, like) if any(
-        g is not None for g in view_grads) else empty
-    upstream_state = [g.contiguous() if g is not None else empty for g in state_grads]
+    upstream_params, upstream_state = _upstream(bucket, grad_outputs, present[0])
     stand_in = upstream_params if upstream_params.numel() else next(
         g for g in upstream_state if g.numel())
     stand_in = stand_in.detach()
-    state = [stand_in if n else empty for n in ctx.state_numels]
-    differentiable = torch.is_grad_enabled()
-    fn = spec.backward_fn(stand_in.device, differentiable=differentiable)
+    state = [stand_in if n else stand_in.new_empty(0) for n in ctx.state_numels]
+    fn = spec.backward_fn(stand_in.device, differentiable=torch.is_grad_enabled())
     result = fn(upstream_params, *upstream_state, stand_in, stand_in, *state, segments, *hyper,
                 flags, 0)
-    needs = ctx.needs_input_grad
-    out: list[Tensor | None] = [None, None, None]
-    out += _split(bucket, result[0], needs[3:3 + s])
-    out += _split(bucket, result[1], [p and n for p, n in
-                                      zip(ctx.grad_present, needs[3 + s:3 + 2 * s])])
-    out += [g if needs[3 + 2 * s + i] and n else None
-            for i, (g, n) in enumerate(zip(result[2:spec.num_buffers], ctx.state_numels))]
-    out += [None] * (len(hyper) + 2)
-    return tuple(out)
+    return _input_grads(ctx, result)
 
 
 def bucket_step(spec: _Spec, bucket: Bucket, base: Tensor | None, views: Sequence[Tensor],

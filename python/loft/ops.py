@@ -49,30 +49,27 @@ class _Spec:
 
     def forward_fn(self, device: torch.device) -> Callable[..., Any]:
         if _ext.has_device_kernels(device):
-            op = getattr(torch.ops.loft, self.name).default
-
-            def below_autograd(*args: Any) -> Any:
-                # Inside autograd.Function.forward: go straight to the kernel, skipping the
-                # op's own (Python) autograd registration and its redispatch.
-                with torch._C._AutoDispatchBelowAutograd():
-                    return op(*args)
-
-            return below_autograd
+            # Inside autograd.Function.forward: straight to the kernel.
+            return _below_autograd(getattr(torch.ops.loft, self.name).default)
         return getattr(reference, self.name)
 
     def backward_fn(self, device: torch.device, differentiable: bool) -> Callable[..., Any]:
         if not differentiable and _ext.has_device_kernels(device):
-            op = getattr(torch.ops.loft, self.name + "_backward").default
-
-            def below_autograd(*args: Any) -> Any:
-                # Not differentiated again (grad mode is off): skip the op's Python
-                # autograd registration, which costs more than the kernel on small buckets.
-                with torch._C._AutoDispatchBelowAutograd():
-                    return op(*args)
-
-            return below_autograd
+            # Not differentiated again (grad mode is off).
+            return _below_autograd(getattr(torch.ops.loft, self.name + "_backward").default)
         # The forward already validated these inputs.
         return functools.partial(getattr(reference, self.name + "_backward"), check=False)
+
+
+def _below_autograd(op: Callable[..., Any]) -> Callable[..., Any]:
+    """``op`` called below the autograd dispatch key: skips the op's own (Python) autograd
+    registration and its redispatch, which cost more than the kernel on small buckets."""
+
+    def call(*args: Any) -> Any:
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*args)
+
+    return call
 
 
 _SGD = _Spec("sgd_step", 3, SGD_HYPER, values_needed=False)
