@@ -23,4 +23,11 @@ TORCH_LIBRARY(loft, m) {
       "Tensor beta1, Tensor beta2, Tensor eps, Tensor weight_decay, Tensor group_flags, "
       "int hyper_grad_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
       "Tensor, Tensor)");
+  // adam_step with the state updated in place (CPU only): for a caller that owns the
+  // state buffers and needs only the new ones (loft's first-order fast path), so that
+  // no new state memory is touched each step. Returns the new params.
+  m.def(
+      "adam_step_(Tensor params, Tensor grads, Tensor(a!) exp_avg, Tensor(b!) exp_avg_sq, "
+      "Tensor(c!) max_exp_avg_sq, Tensor segments, Tensor lr, Tensor beta1, Tensor beta2, "
+      "Tensor eps, Tensor weight_decay, Tensor group_flags) -> Tensor");
 }

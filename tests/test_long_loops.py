@@ -338,8 +338,80 @@ def test_first_order_keeps_no_second_order_graph() -> None:
         assert seen and all(not g.requires_grad for g in seen if g is not None)
         watched = weakref.ref(diffopt._flat_state[0]["exp_avg"])
         diffopt.step(_loss(fmodel, _batches(1)[0]))
+        # The state may have been updated in place (then it is still the optimiser's
+        # current state): once the optimiser lets go of it, nothing holds it.
+        diffopt._flat_state[0] = {}
         assert watched() is None
         assert list(fmodel.parameters())[0].requires_grad
+
+
+def _count_in_place(monkeypatch: pytest.MonkeyPatch, enabled: bool) -> list[int]:
+    """Counts the in-place-state kernel calls (``enabled=False``: there is none)."""
+    calls = [0]
+    original = loft.ops._Spec.inplace_fn
+
+    def inplace_fn(spec: Any, device: torch.device) -> Any:
+        fn = original(spec, device) if enabled else None
+        if fn is None:
+            return None
+
+        def counted(*args: Any) -> Any:
+            calls[0] += 1
+            return fn(*args)
+
+        return counted
+
+    monkeypatch.setattr(loft.ops._Spec, "inplace_fn", inplace_fn)
+    return calls
+
+
+@pytest.mark.parametrize("loop", ["steps", "truncate", "checkpoint", "state_views"])
+def test_first_order_adam_state_in_place_changes_nothing(
+        loop: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first-order Adam step updates the state in place when the optimiser alone holds
+    it: the weights at every step, the state and the meta-gradients are bit for bit those
+    of the step that makes new state; a view of the state the user holds, a truncation
+    and the checkpoints of an unroll keep their values."""
+    if loft.backend() != "fused":
+        pytest.skip("the in-place state kernel is part of the fused ops")
+    batches = _batches(9)
+    runs = []
+    for enabled in (True, False):
+        with monkeypatch.context() as m:
+            calls = _count_in_place(m, enabled)
+            model = _model()
+            opt = torch.optim.Adam(model.parameters(), lr=0.02, betas=(0.8, 0.95))
+            held: list[tuple[torch.Tensor, torch.Tensor]] = []
+            with loft.innerloop_ctx(model, opt, copy_initial_weights=False,
+                                    first_order=True) as (fmodel, diffopt):
+                if loop == "checkpoint":
+                    loft.unroll(fmodel, diffopt, _loss, batches, checkpoint_every=4)
+                else:
+                    for t, batch in enumerate(batches):
+                        if loop == "truncate" and t in (3, 6):
+                            diffopt.truncate()
+                        if loop == "state_views" and t in (2, 5):
+                            view = diffopt.state[0][0]["exp_avg"]
+                            held.append((view, view.clone()))
+                        diffopt.step(_loss(fmodel, batch))
+                weights = [p.detach().clone() for p in fmodel.parameters(time=len(batches))]
+                state = diffopt.state_dict()["state"]
+                _loss(fmodel, batches[0]).backward()
+            for view, copy in held:
+                assert torch.equal(view, copy), "a view of the state changed under the user"
+            # (After a truncation the meta-gradient stops at the cut: no grad here.)
+            grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+            assert grads or loop == "truncate"
+            runs.append((weights, state, grads, calls[0]))
+    (w1, s1, g1, n1), (w2, s2, g2, n2) = runs
+    # An unroll's checkpoints hold the state: it is never updated in place there.
+    assert n2 == 0 and (n1 == 0 if loop == "checkpoint" else n1 >= 5), n1
+    assert len(g1) == len(g2)
+    for a, b in zip(w1 + g1, w2 + g2):
+        assert torch.equal(a, b)
+    for k in s1:
+        for name in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(s1[k][name], s2[k][name])
 
 
 def test_checkpointed_unroll_leaves_no_reference_cycle() -> None:

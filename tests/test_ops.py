@@ -316,3 +316,42 @@ def test_reference_uniform_table_equals_the_expanded_layout(
     for a, b in zip(uniform, expanded):
         assert a.shape == b.shape
         torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-14)
+
+
+# ---- adam_step_: the state updated in place (CPU) ------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_inplace_adam_equals_adam_step(dtype: torch.dtype, fused: None) -> None:
+    """adam_step_ returns adam_step's new params bit for bit and leaves adam_step's new
+    state in its state arguments; params and grads are not written."""
+    for (flags, sizes) in itertools.product(flag_pairs(ADAM), SIZE_SETS):
+        case = make_case(ADAM, sizes, dtype, list(flags), seed=hash((flags, tuple(sizes))) % 997)
+        args = args_of(ADAM, case)
+        want = raw_op(ADAM)(*args)
+        state = [a.clone() for a in args[2:5]]
+        params, grads = args[0].clone(), args[1].clone()
+        got = raw_op("adam_step_")(params, grads, *state, *args[5:])
+        assert torch.equal(params, args[0]) and torch.equal(grads, args[1])
+        assert torch.equal(got, want[0]), f"params flags={flags} sizes={sizes}"
+        for name, s, w in zip(BUFFERS[ADAM][2:], state, want[1:]):
+            assert torch.equal(s, w), f"{name} flags={flags} sizes={sizes}"
+
+
+def test_inplace_adam_opcheck(fused: None) -> None:
+    case = make_case(ADAM, [3, 0, 40, 5], torch.float32, [0, 7], seed=3)
+    torch.library.opcheck(torch.ops.loft.adam_step_.default, tuple(args_of(ADAM, case)),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("other", ["params", "grads", "exp_avg"])
+def test_inplace_adam_rejects_shared_memory(other: str, fused: None) -> None:
+    """A state buffer that shares memory with another argument would be read after it is
+    written: refused, naming both."""
+    case = make_case(ADAM, [4, 6], torch.float64, [4, 0], seed=1)
+    args = args_of(ADAM, case)
+    position = BUFFERS[ADAM].index(other)
+    args[3] = args[position] if other != "exp_avg" else args[2][:]
+    with pytest.raises(RuntimeError, match=f"exp_avg_sq is updated in place .* {other}"):
+        raw_op("adam_step_")(*args)
+    assert torch.equal(args[0], case["params"])

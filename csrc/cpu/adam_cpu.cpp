@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "../adam_math.h"
@@ -85,6 +86,24 @@ void adam_forward_chunk(int64_t n, const scalar_t* __restrict__ p, const scalar_
     m_out[i] = scalar_t(m_new);
     v_out[i] = scalar_t(v_new);
     if (kAmsgrad) vmax_out[i] = scalar_t(vmax_new);
+  }
+}
+
+/// adam_forward_chunk with the state read and written in place (adam_step_).
+template <bool kAmsgrad, bool kDecoupled, typename scalar_t, typename T>
+void adam_forward_chunk_inplace(int64_t n, const scalar_t* __restrict__ p,
+                                const scalar_t* __restrict__ g, scalar_t* __restrict__ m,
+                                scalar_t* __restrict__ v, scalar_t* __restrict__ vmax,
+                                scalar_t* __restrict__ p_out, const AdamScalars<T> s) {
+  for (int64_t i = 0; i < n; ++i) {
+    T p_new, m_new, v_new, vmax_new;
+    adam_forward<kAmsgrad, kDecoupled>(T(p[i]), T(g[i]), T(m[i]), T(v[i]),
+                                       kAmsgrad ? T(vmax[i]) : T(0), s, p_new, m_new, v_new,
+                                       vmax_new);
+    p_out[i] = scalar_t(p_new);
+    m[i] = scalar_t(m_new);
+    v[i] = scalar_t(v_new);
+    if (kAmsgrad) vmax[i] = scalar_t(vmax_new);
   }
 }
 
@@ -186,6 +205,73 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> adam_step_cpu(
         });
       });
   return {params_out, exp_avg_out, exp_avg_sq_out, max_out};
+}
+
+/// Whether two buffers share any memory (an in-place state buffer must not).
+bool overlaps(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0) return false;
+  const char* a0 = static_cast<const char*>(a.const_data_ptr());
+  const char* b0 = static_cast<const char*>(b.const_data_ptr());
+  return a0 < b0 + b.nbytes() && b0 < a0 + a.nbytes();
+}
+
+at::Tensor adam_step_inplace_cpu(const at::Tensor& params, const at::Tensor& grads,
+                                 at::Tensor& exp_avg, at::Tensor& exp_avg_sq,
+                                 at::Tensor& max_exp_avg_sq, const at::Tensor& segments,
+                                 const at::Tensor& lr, const at::Tensor& beta1,
+                                 const at::Tensor& beta2, const at::Tensor& eps,
+                                 const at::Tensor& weight_decay, const at::Tensor& group_flags) {
+  const char* op = "adam_step_";
+  const Segments seg = check_adam_args(op, params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq,
+                                       segments, lr, beta1, beta2, eps, weight_decay, group_flags);
+  const std::pair<const char*, const at::Tensor*> state[] = {
+      {"exp_avg", &exp_avg}, {"exp_avg_sq", &exp_avg_sq}, {"max_exp_avg_sq", &max_exp_avg_sq}};
+  for (size_t i = 0; i < 3; ++i) {
+    const char* name = state[i].first;
+    const at::Tensor& t = *state[i].second;
+    TORCH_CHECK(!overlaps(t, params) && !overlaps(t, grads), op, ": ", name,
+                " is updated in place and must not share memory with params or grads");
+    for (size_t j = 0; j < i; ++j) {
+      TORCH_CHECK(!overlaps(t, *state[j].second), op, ": ", name,
+                  " is updated in place and must not share memory with ", state[j].first);
+    }
+  }
+  const int64_t n = params.numel();
+  at::Tensor params_out = at::empty({n}, params.options());
+  if (n == 0) return params_out;
+  const bool has_max = max_exp_avg_sq.numel() > 0;
+  const std::vector<Chunk> chunks = make_chunks(seg);
+  const int64_t* flags = group_flags.data_ptr<int64_t>();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, params.scalar_type(), "adam_step_inplace_cpu", [&] {
+        using T = compute_t<scalar_t>;
+        const std::vector<AdamScalars<T>> scalars =
+            adam_scalars<scalar_t, T>(seg, lr, beta1, beta2, eps, weight_decay, group_flags);
+        const scalar_t* p = params.const_data_ptr<scalar_t>();
+        const scalar_t* g = grads.const_data_ptr<scalar_t>();
+        scalar_t* m = exp_avg.mutable_data_ptr<scalar_t>();
+        scalar_t* v = exp_avg_sq.mutable_data_ptr<scalar_t>();
+        scalar_t* vmax = has_max ? max_exp_avg_sq.mutable_data_ptr<scalar_t>() : nullptr;
+        scalar_t* p_out = params_out.mutable_data_ptr<scalar_t>();
+
+        for_each_chunk(chunks, [&](int64_t, const Chunk& chunk) {
+          const int64_t s = chunk.segment, o = chunk.begin, len = chunk.size;
+          const int64_t f = flags[seg.group(s)];
+          if (!seg.active(s)) {  // the state stays as it is
+            copy_elements(p_out + o, p + o, len);
+            return;
+          }
+          with_bool((f & kAdamAmsgrad) != 0, [&](auto kAmsgrad) {
+            with_bool((f & kAdamDecoupled) != 0, [&](auto kDecoupled) {
+              adam_forward_chunk_inplace<decltype(kAmsgrad)::value, decltype(kDecoupled)::value>(
+                  len, p + o, g + o, m + o, v + o, kAmsgrad ? vmax + o : nullptr, p_out + o,
+                  scalars[s]);
+            });
+          });
+        });
+      });
+  return params_out;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
@@ -296,4 +382,5 @@ adam_step_backward_cpu(const at::Tensor& grad_params_out, const at::Tensor& grad
 TORCH_LIBRARY_IMPL(loft, CPU, m) {
   m.impl("adam_step", &loft::cpu::adam_step_cpu);
   m.impl("adam_step_backward", &loft::cpu::adam_step_backward_cpu);
+  m.impl("adam_step_", &loft::cpu::adam_step_inplace_cpu);
 }

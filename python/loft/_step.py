@@ -22,12 +22,13 @@ differentiable.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from loft import _ext
 from loft.flat import Bucket
 from loft.ops import _Spec
 
@@ -50,6 +51,20 @@ def _cat(bucket: Bucket, parts: Sequence[Tensor | None], like: Tensor) -> Tensor
     ])
 
 
+def _with_flat(bucket: Bucket, parts: Sequence[Tensor | None], like: Tensor, slot: int,
+               run: Callable[[Tensor], Any]) -> Any:
+    """``run(flat)`` with ``flat = _cat(bucket, parts, like)``, for a kernel input that
+    ``run`` neither keeps nor returns: then it is the bucket's scratch buffer
+    (:meth:`Bucket.gather`) where it can be: outside grad mode, and where ``run`` calls
+    the fused kernels, whose outputs are always new tensors (the reference formulas may
+    return an input as it is)."""
+    if parts and not torch.is_grad_enabled() and _ext.has_device_kernels(bucket.device) and all(
+            t is not None and t.dtype == bucket.dtype and t.device == bucket.device
+            for t in parts):
+        return bucket.gather(parts, slot, run)  # type: ignore[arg-type]
+    return run(_cat(bucket, parts, like))
+
+
 def _split(bucket: Bucket, flat: Tensor, wanted: Sequence[bool]) -> list[Tensor | None]:
     """``flat`` cut into ``bucket``'s shapes; ``None`` where not ``wanted``."""
     return [part if want else None for part, want in zip(bucket.plain_views(flat), wanted)]
@@ -69,8 +84,10 @@ class _BucketStep(torch.autograd.Function):
         segments, flags = tensors[-2], tensors[-1]
         like = next(t for t in (*views, *state) if t is not None)
         params = base if base is not None else _cat(bucket, views, like)
-        flat_grads = _cat(bucket, grads, like)
-        outs = spec.forward_fn(params.device)(params, flat_grads, *state, segments, *hyper, flags)
+        fn = spec.forward_fn(params.device)
+        outs = _with_flat(bucket, grads, like, 0,
+                          lambda flat_grads: fn(params, flat_grads, *state, segments, *hyper,
+                                                flags))
         ctx.spec, ctx.bucket, ctx.n_state = spec, bucket, n_state
         ctx.grad_present = [g is not None for g in grads]
         first_hyper = 3 + 2 * s + n_state
@@ -115,25 +132,27 @@ class _BucketStep(torch.autograd.Function):
             # Rebuild the flat inputs with differentiable ops so that a second backward
             # reaches the views and the per-tensor gradients.
             params_flat = _cat(bucket, views, params_flat)
-        flat_grads = _cat(bucket, grads, params_flat)
-        upstream_params, upstream_state = _upstream(bucket, grad_outputs, params_flat)
         fn = spec.backward_fn(params_flat.device, differentiable=differentiable)
-        result = fn(upstream_params, *upstream_state, params_flat, flat_grads, *state, segments,
-                    *hyper, flags, mask)
-        return _input_grads(ctx, result)
+
+        def run(flat_grads: Tensor) -> Any:
+            return _with_upstream(bucket, grad_outputs, params_flat, lambda up, up_state: fn(
+                up, *up_state, params_flat, flat_grads, *state, segments, *hyper, flags, mask))
+
+        return _input_grads(ctx, _with_flat(bucket, grads, params_flat, 0, run))
 
 
-def _upstream(bucket: Bucket, grad_outputs: Sequence[Tensor | None],
-              like: Tensor) -> tuple[Tensor, list[Tensor]]:
-    """The backward kernel's upstream gradients: the new weights' as one flat buffer, the
-    new state's as they are (0 elements: none)."""
+def _with_upstream(bucket: Bucket, grad_outputs: Sequence[Tensor | None], like: Tensor,
+                   run: Callable[[Tensor, list[Tensor]], Any]) -> Any:
+    """``run(upstream_params, upstream_state)``: the backward kernel's upstream gradients,
+    the new weights' as one flat buffer (scratch where it can be, :func:`_with_flat`),
+    the new state's as they are (0 elements: none)."""
     s = len(bucket.numels)
     empty = like.new_empty(0)
     view_grads = grad_outputs[:s]
-    upstream_params = (_cat(bucket, view_grads, like)
-                       if any(g is not None for g in view_grads) else empty)
-    return upstream_params, [g.contiguous() if g is not None else empty
-                             for g in grad_outputs[s:]]
+    upstream_state = [g.contiguous() if g is not None else empty for g in grad_outputs[s:]]
+    if not any(g is not None for g in view_grads):
+        return run(empty, upstream_state)
+    return _with_flat(bucket, view_grads, like, 1, lambda flat: run(flat, upstream_state))
 
 
 def _input_grads(ctx: Any, result: Sequence[Tensor]) -> tuple[Tensor | None, ...]:
@@ -171,15 +190,17 @@ def _linear_backward(ctx: Any, grad_outputs: Sequence[Tensor | None]) -> tuple:
     n_inputs = 3 + 2 * s + ctx.n_state + len(hyper) + 2
     if not present:
         return (None,) * n_inputs
-    upstream_params, upstream_state = _upstream(bucket, grad_outputs, present[0])
-    stand_in = upstream_params if upstream_params.numel() else next(
-        g for g in upstream_state if g.numel())
-    stand_in = stand_in.detach()
-    state = [stand_in if n else stand_in.new_empty(0) for n in ctx.state_numels]
-    fn = spec.backward_fn(stand_in.device, differentiable=torch.is_grad_enabled())
-    result = fn(upstream_params, *upstream_state, stand_in, stand_in, *state, segments, *hyper,
-                flags, 0)
-    return _input_grads(ctx, result)
+    fn = spec.backward_fn(present[0].device, differentiable=torch.is_grad_enabled())
+
+    def run(upstream_params: Tensor, upstream_state: list[Tensor]) -> Any:
+        stand_in = upstream_params if upstream_params.numel() else next(
+            g for g in upstream_state if g.numel())
+        stand_in = stand_in.detach()
+        state = [stand_in if n else stand_in.new_empty(0) for n in ctx.state_numels]
+        return fn(upstream_params, *upstream_state, stand_in, stand_in, *state, segments,
+                  *hyper, flags, 0)
+
+    return _input_grads(ctx, _with_upstream(bucket, grad_outputs, present[0], run))
 
 
 def bucket_step(spec: _Spec, bucket: Bucket, base: Tensor | None, views: Sequence[Tensor],
@@ -224,15 +245,29 @@ class _Shift(torch.autograd.Function):
 
 def shift_step(spec: _Spec, bucket: Bucket, base: Tensor | None, views: Sequence[Tensor],
                grads: Sequence[Tensor | None], state: Sequence[Tensor],
-               hyper: Sequence[Tensor], segments: Tensor,
-               flags: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+               hyper: Sequence[Tensor], segments: Tensor, flags: Tensor,
+               state_in_place: bool = False) -> tuple[list[Tensor], list[Tensor]]:
     """:func:`bucket_step` for an update ``p' = p - delta`` whose ``delta`` depends on
     nothing that requires grad (the caller checks): the step runs without a graph, and
     the new weights are differentiable with respect to the old ``views`` with derivative
-    1, through one node that saves nothing. The new state does not require grad."""
+    1, through one node that saves nothing. The new state does not require grad.
+
+    ``state_in_place``: the caller is the only holder of ``state`` (no view, no saved
+    reference), so the kernel may overwrite it with the new state where it can
+    (:meth:`loft.ops._Spec.inplace_fn`); the returned state is then ``state`` itself.
+    """
     with torch.no_grad():
         like = views[0]
         params = base if base is not None else _cat(bucket, views, like)
-        outs = spec.forward_fn(params.device)(params, _cat(bucket, grads, like), *state,
-                                              segments, *hyper, flags)
-    return list(_Shift.apply(bucket, outs[0], *views)), list(outs[1:])
+        inplace = spec.inplace_fn(params.device) if state_in_place else None
+        if inplace is not None:
+            new_params = _with_flat(bucket, grads, like, 0, lambda flat_grads: inplace(
+                params, flat_grads, *state, segments, *hyper, flags))
+            new_state = list(state)
+        else:
+            fn = spec.forward_fn(params.device)
+            outs = _with_flat(bucket, grads, like, 0,
+                              lambda flat_grads: fn(params, flat_grads, *state, segments,
+                                                    *hyper, flags))
+            new_params, new_state = outs[0], list(outs[1:])
+    return list(_Shift.apply(bucket, new_params, *views)), new_state

@@ -36,8 +36,12 @@ ADAM_HYPER = ("lr", "beta1", "beta2", "eps", "weight_decay")
 class _Spec:
     """What distinguishes one optimiser op from another in the shared autograd code."""
 
-    def __init__(self, name: str, num_buffers: int, hyper: Sequence[str], values_needed: bool):
+    def __init__(self, name: str, num_buffers: int, hyper: Sequence[str], values_needed: bool,
+                 inplace: bool = False):
         self.name = name
+        # Whether ``torch.ops.loft.<name>_`` exists (CPU): the step with the state updated
+        # in place, returning only the new params.
+        self.inplace = inplace
         # False: with no hyperparameter gradient wanted, the backward does not read the
         # values of the input buffers (the step is linear in them).
         self.values_needed = values_needed
@@ -52,6 +56,13 @@ class _Spec:
             # Inside autograd.Function.forward: straight to the kernel.
             return _below_autograd(getattr(torch.ops.loft, self.name).default)
         return getattr(reference, self.name)
+
+    def inplace_fn(self, device: torch.device) -> Callable[..., Any] | None:
+        """The in-place-state kernel for ``device``, or ``None`` where there is none (only
+        the CPU has one: CUDA's caching allocator already reuses the state's memory)."""
+        if self.inplace and device.type == "cpu" and _ext.has_device_kernels(device):
+            return _below_autograd(getattr(torch.ops.loft, self.name + "_").default)
+        return None
 
     def backward_fn(self, device: torch.device, differentiable: bool) -> Callable[..., Any]:
         if not differentiable and _ext.has_device_kernels(device):
@@ -73,7 +84,7 @@ def _below_autograd(op: Callable[..., Any]) -> Callable[..., Any]:
 
 
 _SGD = _Spec("sgd_step", 3, SGD_HYPER, values_needed=False)
-_ADAM = _Spec("adam_step", 5, ADAM_HYPER, values_needed=True)
+_ADAM = _Spec("adam_step", 5, ADAM_HYPER, values_needed=True, inplace=True)
 
 
 def _backward(spec: _Spec, ctx: Any, grad_outputs: Sequence[Tensor | None]) -> tuple:
@@ -270,4 +281,7 @@ def _register_python_parts() -> None:
         setup, backward = _backward_of_backward(spec)
         torch.library.register_autograd(f"loft::{spec.name}_backward", backward,
                                         setup_context=setup)
+        if spec.inplace:
+            torch.library.register_fake(f"loft::{spec.name}_",
+                                        lambda params, *args: params.new_empty(params.numel()))
     _REGISTERED = True

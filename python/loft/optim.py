@@ -246,8 +246,13 @@ class DifferentiableOptimizer:
                      for g, p in zip(all_grads, params)]
         new_params = self._flat_update(params, list(all_grads))
         if self._fmodel is not None:
-            self._fmodel.update_params(new_params)
+            # loft's flat optimisers return views shaped as the weights they were given;
+            # a higher-style _update may return anything, so that is checked.
+            self._fmodel.update_params(new_params, _checked=self._fused_update())
         return new_params
+
+    def _fused_update(self) -> bool:
+        return False
 
     def _check_params(self, params: list[Tensor]) -> None:
         """``step``'s fast weights: tensors shaped as the reference parameters (the
@@ -554,10 +559,14 @@ class _FlatOptimizer(DifferentiableOptimizer):
         self._last_params = list(new_params)
         return new_params
 
+    def _fused_update(self) -> bool:
+        return type(self)._update is DifferentiableOptimizer._update
+
     def _detach_params(self, params: list[Tensor]) -> list[Tensor]:
         if self._buckets is None or type(self)._update is not DifferentiableOptimizer._update:
             return super()._detach_params(params)
         new_params = [p.detach().requires_grad_(p.requires_grad) for p in params]
+        self.__dict__.setdefault("_private_state", set()).clear()
         for k, b in enumerate(self._buckets):
             self._flat_state[k] = {n: t.detach() for n, t in self._flat_state[k].items()}
             base = self._flat_params[k]
@@ -582,14 +591,22 @@ class _FlatOptimizer(DifferentiableOptimizer):
         the flat buffers, and split.
         """
         spec = self._spec
+        private = self.__dict__.setdefault("_private_state", set())
+        k = id(b)
         if spec is not None and self._first_order and _constant_shift(grads, state, hyper):
             # First order, nothing that needs a gradient enters the update but the weights:
             # p' = p - delta with delta constant. Compute it without a graph and record
-            # one pass-through node (it saves nothing, so the state can be freed).
+            # one pass-through node (it saves nothing, so the state can be freed). When
+            # this optimiser alone holds the state (made by its last such step, no view
+            # or other reference to it since), the kernel updates it in place.
+            in_place = k in private and not self.__dict__.get("_keep_state") and all(
+                _sole_reference(t) for t in state.values())
             new_views, new_state = shift_step(
                 spec, b, base, views, grads, [state[n] for n in self._state_names],
-                [hyper[n] for n in self._hyper_names], segments, flags)
+                [hyper[n] for n in self._hyper_names], segments, flags, in_place)
+            private.add(k)
             return new_views, dict(zip(self._state_names, new_state))
+        private.discard(k)
         if spec is not None:
             new_views, new_state = bucket_step(
                 spec, b, base, views, grads, [state[n] for n in self._state_names],
@@ -600,6 +617,19 @@ class _FlatOptimizer(DifferentiableOptimizer):
         p_new, state_new = self._call_op(b.flatten(views), b.flatten(grads), state, segments,
                                          hyper, flags)
         return b.views(p_new), state_new
+
+
+def _sole_reference(t: Tensor) -> bool:
+    """Whether ``t`` is the only tensor on its memory (no view of it, no detached or other
+    alias: the storage is held once by ``t`` and once by the probe itself) and is not a
+    view itself. A saved reference to ``t`` itself is not seen here: the caller rules
+    those out (see ``_private_state``)."""
+    if t.numel() == 0:
+        return True
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    if use_count is None:  # a torch without the probe: never in place
+        return False
+    return t._base is None and use_count(t.untyped_storage()._cdata) == 2
 
 
 def _constant_shift(grads: list[Tensor | None], state: dict[str, Tensor],

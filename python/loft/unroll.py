@@ -120,6 +120,8 @@ def _private_copies(fmodel: FunctionalModule,
     d.param_groups = [dict(group) for group in diffopt.param_groups]
     d._flat_params = list(diffopt._flat_params)
     d._flat_state = [dict(state) for state in diffopt._flat_state]
+    # The checkpoints keep references to the state: never update it in place.
+    d.__dict__["_keep_state"] = True
     d._steps = list(diffopt._steps)
     d._last_params = list(diffopt._last_params)
     d.__dict__["_hyper_cache"] = {}
@@ -280,6 +282,7 @@ class _Runner:
             times.append(t0 + stop)
         fmodel._replace_history(times, history)
         diffopt._last_params = list(history[-1])
+        diffopt.__dict__["_private_state"] = set()  # the graph may hold this state
         diffopt._flat_params = list(flats[:nb])
         diffopt._flat_state = [{name: flats[nb + kk * len(names) + j]
                                 for j, name in enumerate(names)} for kk in range(nb)]
