@@ -75,6 +75,30 @@ class Bucket:
                                                             self.shapes)]
         return list(torch._C._nn.unflatten_dense_tensors(flat, self.templates()))
 
+    def gather(self, parts: Sequence[Tensor], slot: int, run: Any) -> Any:
+        """``run(flat)``, where ``flat`` holds ``parts`` (one tensor per parameter, all
+        present, in the bucket's dtype and device) concatenated, for a kernel input that
+        is neither kept nor returned.
+
+        On the CPU ``flat`` is a scratch buffer the bucket keeps between calls (one per
+        ``slot``): a fresh buffer of this size is new memory each step, and on the CPU
+        touching new pages costs more than the copy itself. ``run`` must not keep
+        ``flat``. Elsewhere (CUDA has a caching allocator, and a reused buffer could be
+        read by another stream) it is a new buffer.
+        """
+        if self.device.type != "cpu" or any(n == 0 for n in self.numels):
+            return run(torch._C._nn.flatten_dense_tensors(list(parts)))
+        scratch = self.__dict__.setdefault("_scratch", {})
+        entry = scratch.pop(slot, None)  # taken while in use: a re-entrant call makes its own
+        if entry is None:
+            flat = torch.empty(self.numel, dtype=self.dtype, device=self.device)
+            entry = (flat, list(torch._C._nn.unflatten_dense_tensors(flat, self.templates())))
+        torch._foreach_copy_(entry[1], list(parts))
+        try:
+            return run(entry[0])
+        finally:
+            scratch[slot] = entry
+
     def segments(self, steps: Sequence[int], active: Sequence[bool]) -> Tensor:
         """The ``[S, 5]`` int64 segment table for one step."""
         first = steps[0] if steps else 0
@@ -87,7 +111,7 @@ class Bucket:
                 self.__dict__["_segment_base"] = base
             table = base.clone()
             if first:
-                table[:, 3] = first
+                table.select(1, 3).fill_(first)
             return table
         return self._table(steps, active)
 

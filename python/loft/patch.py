@@ -260,9 +260,16 @@ class FunctionalModule(_PatchedView, nn.Module):
                              f"starts at step {self._times[0]} (cut by diffopt.truncate()).")
         return self._fast_params[0]
 
-    def update_params(self, params: Iterable[Tensor]) -> None:
-        """Record ``params`` as the new fast weights (one more step of history)."""
+    def update_params(self, params: Iterable[Tensor], _checked: bool = False) -> None:
+        """Record ``params`` as the new fast weights (one more step of history).
+
+        (``_checked``: loft's optimisers pass the weights they made, already of the
+        right count and shapes.)
+        """
         params = list(params)
+        if _checked:
+            self.fast_params = params
+            return
         if len(params) != self._num_params:
             raise ValueError(
                 f"expected {self._num_params} fast weights (one per parameter of the "
