@@ -63,3 +63,22 @@ def test_bench_long_quick_writes_all_modes_and_plot(tmp_path: Path) -> None:
     assert len({r["pid"] for r in data["records"]}) == len(data["records"])  # fresh processes
     assert data["meta"]["suite"] == "long" and data["meta"]["threads"] == 1
     assert set(data["ratios"]) == {str(t) for t in data["meta"]["steps"]}
+
+
+def test_fork_server_runs_each_measurement_in_a_fresh_process() -> None:
+    """The suite's launcher forks one child per measurement from a server that imported
+    torch once: a new pid each time, the backend each spec asks for, and a failing
+    measurement comes back as an error with the child's traceback."""
+    from loft.bench.suite import ForkServer, _worker_env
+
+    spec = {"suite": "long", "mode": "first_order", "steps": 2, "threads": 1}
+    with ForkServer(1) as server:
+        assert server._proc is not None, "the fork server did not start"
+        fused = server.run(spec, _worker_env("loft", 1), 300)
+        reference = server.run(spec, _worker_env("loft-reference", 1), 300)
+        bad = server.run({**spec, "mode": "sideways"}, _worker_env("loft", 1), 300)
+        server_pid = server._proc.pid
+    assert "error" not in fused and "error" not in reference, (fused, reference)
+    assert fused["loft_backend"] == "fused" and reference["loft_backend"] == "reference"
+    assert len({fused["pid"], reference["pid"], server_pid, os.getpid()}) == 4
+    assert "error" in bad and "mode must be one of" in bad["error"], bad

@@ -411,7 +411,7 @@ def run_long_suite(steps: Sequence[int] = DEFAULT_LONG_STEPS,
                    progress: bool = True, timeout: float | None = 600.0,
                    command: str | None = None) -> LongResult:
     """Run every (mode, T, repeat) in its own worker process and collect the results."""
-    from loft.bench.suite import _worker_env, machine_info, spawn_worker
+    from loft.bench.suite import ForkServer, _worker_env, machine_info
 
     for mode in modes:
         if mode not in LONG_MODES:
@@ -432,14 +432,15 @@ def run_long_suite(steps: Sequence[int] = DEFAULT_LONG_STEPS,
     bar = _progress_bar(len(specs)) if progress else None
     records = []
     try:
-        for spec in specs:
-            if bar is not None:
-                bar.set_postfix_str(f"{spec['mode']}/T={spec['steps']}/#{spec['repeat']}")
-            record = spawn_worker({**spec, "threads": threads}, env, timeout)
-            record.update(mode=spec["mode"], steps=spec["steps"], repeat=spec["repeat"])
-            records.append(record)
-            if bar is not None:
-                bar.update(1)
+        with ForkServer(threads) as launcher:
+            for spec in specs:
+                if bar is not None:
+                    bar.set_postfix_str(f"{spec['mode']}/T={spec['steps']}/#{spec['repeat']}")
+                record = launcher.run({**spec, "threads": threads}, env, timeout)
+                record.update(mode=spec["mode"], steps=spec["steps"], repeat=spec["repeat"])
+                records.append(record)
+                if bar is not None:
+                    bar.update(1)
     finally:
         if bar is not None:
             bar.close()

@@ -42,6 +42,7 @@ __all__ = [
     "run_suite",
     "run_worker",
     "spawn_worker",
+    "ForkServer",
     "derive",
     "machine_info",
 ]
@@ -167,6 +168,72 @@ def _worker_env(implementation: str, threads: int) -> dict[str, str]:
     return env
 
 
+class ForkServer:
+    """The worker launcher of one suite run: a :mod:`loft.bench._zygote` process that has
+    imported torch (and ``higher``) once and forks a fresh child per measurement, instead
+    of a new interpreter per measurement (seconds of imports each). Where ``fork`` is
+    missing or the server does not start, :func:`spawn_worker` starts a new interpreter.
+
+    Use as a context manager; :meth:`run` has :func:`spawn_worker`'s signature.
+    """
+
+    def __init__(self, threads: int) -> None:
+        self._proc: subprocess.Popen[str] | None = None
+        if not hasattr(os, "fork") or os.environ.get("LOFT_BENCH_NO_FORK"):
+            return
+        env = _worker_env("floor", threads)  # no LOFT_BACKEND: each child sets its own
+        script = Path(__file__).with_name("_zygote.py")
+        try:
+            proc = subprocess.Popen([sys.executable, str(script)], env=env, text=True,
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            assert proc.stdout is not None
+            ready = json.loads(proc.stdout.readline() or "{}").get("ready")
+        except (OSError, ValueError):
+            return
+        if ready:
+            self._proc = proc
+        else:
+            proc.kill()
+            proc.wait()
+
+    def __enter__(self) -> ForkServer:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._proc is not None:
+            assert self._proc.stdin is not None
+            self._proc.stdin.close()
+            self._proc.wait()
+            self._proc = None
+
+    def run(self, spec: dict[str, Any], env: dict[str, str],
+            timeout: float | None = 600.0) -> dict[str, Any]:
+        """One measurement in a fresh (forked) process: the result or ``{"error": ...}``."""
+        if self._proc is None or self._proc.poll() is not None:
+            return spawn_worker(spec, env, timeout)
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        keys = ("LOFT_BACKEND", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+        child_env = {k: env[k] for k in keys if k in env}
+        with tempfile.TemporaryDirectory(prefix="loft-bench-") as tmp:
+            output, log = Path(tmp) / "result.json", Path(tmp) / "log.txt"
+            request = {"spec": spec, "env": child_env, "output": str(output), "log": str(log),
+                       "timeout": timeout}
+            self._proc.stdin.write(json.dumps(request) + "\n")
+            self._proc.stdin.flush()
+            reply = json.loads(self._proc.stdout.readline() or '{"returncode": null}')
+            code = reply.get("returncode")
+            if code == -9:
+                return {"error": f"timed out after {timeout} s"}
+            if code != 0 or not output.is_file():
+                text = log.read_text() if log.is_file() else ""
+                tail = text.strip().splitlines()[-15:]
+                return {"error": f"worker exited with {code}: " + "\n".join(tail)}
+            return json.loads(output.read_text())
+
+
 def spawn_worker(spec: dict[str, Any], env: dict[str, str],
                  timeout: float | None = 600.0) -> dict[str, Any]:
     """Run ``python -m loft.bench._worker --json spec`` in a fresh process.
@@ -189,16 +256,18 @@ def spawn_worker(spec: dict[str, Any], env: dict[str, str],
 
 
 def run_worker(job: Job, repeats: int, device: str = "cpu", threads: int = 1,
-               timeout: float | None = 600.0,
-               time_budget_s: float | None = 20.0) -> dict[str, Any]:
-    """Measure ``job`` in a fresh ``python -m loft.bench._worker`` process.
+               timeout: float | None = 600.0, time_budget_s: float | None = 20.0,
+               launcher: ForkServer | None = None) -> dict[str, Any]:
+    """Measure ``job`` in a fresh process: forked by ``launcher``, else a new
+    ``python -m loft.bench._worker``.
 
     Returns the worker's result, or ``{"error": ...}`` if it failed or timed out.
     """
     spec = {"workload": job.workload.to_dict(), "implementation": job.implementation,
             "repeats": repeats, "device": device, "threads": threads,
             "time_budget_s": time_budget_s}
-    result = spawn_worker(spec, _worker_env(job.implementation, threads), timeout)
+    launch = launcher.run if launcher is not None else spawn_worker
+    result = launch(spec, _worker_env(job.implementation, threads), timeout)
     if "error" in result:
         return {"workload": job.workload.to_dict(), "implementation": job.implementation,
                 **result}
@@ -429,12 +498,14 @@ def run_suite(
         bar = tqdm(total=len(jobs), desc="loft.bench", unit="run", dynamic_ncols=True)
     records = []
     try:
-        for job in jobs:
-            if bar is not None:
-                bar.set_postfix_str(job.label)
-            records.append(run_worker(job, repeats, device, threads, timeout, time_budget_s))
-            if bar is not None:
-                bar.update(1)
+        with ForkServer(threads) as launcher:
+            for job in jobs:
+                if bar is not None:
+                    bar.set_postfix_str(job.label)
+                records.append(run_worker(job, repeats, device, threads, timeout,
+                                          time_budget_s, launcher))
+                if bar is not None:
+                    bar.update(1)
     finally:
         if bar is not None:
             bar.close()
