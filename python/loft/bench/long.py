@@ -64,7 +64,7 @@ __all__ = [
 #: The ways of running the inner loop, in table order.
 LONG_MODES = ("full", "checkpoint", "truncate", "first_order")
 DEFAULT_LONG_STEPS = (100, 300, 600, 1000)
-DEFAULT_LONG_REPEATS = 3
+DEFAULT_LONG_REPEATS = 5
 LONG_QUICK: dict[str, Any] = {"steps": (20, 40), "repeats": 1}
 
 WIDTH = 128
