@@ -260,14 +260,11 @@ def shift_step(spec: _Spec, bucket: Bucket, base: Tensor | None, views: Sequence
         like = views[0]
         params = base if base is not None else _cat(bucket, views, like)
         inplace = spec.inplace_fn(params.device) if state_in_place else None
-        if inplace is not None:
-            new_params = _with_flat(bucket, grads, like, 0, lambda flat_grads: inplace(
-                params, flat_grads, *state, segments, *hyper, flags))
-            new_state = list(state)
-        else:
-            fn = spec.forward_fn(params.device)
-            outs = _with_flat(bucket, grads, like, 0,
-                              lambda flat_grads: fn(params, flat_grads, *state, segments,
-                                                    *hyper, flags))
-            new_params, new_state = outs[0], list(outs[1:])
+        fn = inplace if inplace is not None else spec.forward_fn(params.device)
+        outs = _with_flat(bucket, grads, like, 0,
+                          lambda flat_grads: fn(params, flat_grads, *state, segments, *hyper,
+                                                flags))
+    # The in-place kernel returns the new params alone; the state is then ``state``.
+    new_params, new_state = (outs, list(state)) if inplace is not None else (outs[0],
+                                                                             list(outs[1:]))
     return list(_Shift.apply(bucket, new_params, *views)), new_state

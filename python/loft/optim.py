@@ -501,7 +501,7 @@ class _FlatOptimizer(DifferentiableOptimizer):
             self._flat_state.append(state)
 
     def _flat_update(self, params: list[Tensor], grads: list[Tensor | None]) -> list[Tensor]:
-        if type(self)._update is not DifferentiableOptimizer._update:
+        if not self._fused_update():
             # A subclass written for higher: its own per-tensor _update wins.
             return DifferentiableOptimizer._flat_update(self, params, grads)
         if self._buckets is None:
@@ -563,7 +563,7 @@ class _FlatOptimizer(DifferentiableOptimizer):
         return type(self)._update is DifferentiableOptimizer._update
 
     def _detach_params(self, params: list[Tensor]) -> list[Tensor]:
-        if self._buckets is None or type(self)._update is not DifferentiableOptimizer._update:
+        if self._buckets is None or not self._fused_update():
             return super()._detach_params(params)
         new_params = [p.detach().requires_grad_(p.requires_grad) for p in params]
         self.__dict__.setdefault("_private_state", set()).clear()

@@ -168,6 +168,12 @@ def _worker_env(implementation: str, threads: int) -> dict[str, str]:
     return env
 
 
+def _worker_failure(code: int | None, output: str) -> dict[str, Any]:
+    """The error record of a worker that exited with ``code``: the last lines it wrote."""
+    tail = output.strip().splitlines()[-15:]
+    return {"error": f"worker exited with {code}: " + "\n".join(tail)}
+
+
 class ForkServer:
     """The worker launcher of one suite run: a :mod:`loft.bench._zygote` process that has
     imported torch (and ``higher``) once and forks a fresh child per measurement, instead
@@ -228,9 +234,7 @@ class ForkServer:
             if code == -9:
                 return {"error": f"timed out after {timeout} s"}
             if code != 0 or not output.is_file():
-                text = log.read_text() if log.is_file() else ""
-                tail = text.strip().splitlines()[-15:]
-                return {"error": f"worker exited with {code}: " + "\n".join(tail)}
+                return _worker_failure(code, log.read_text() if log.is_file() else "")
             return json.loads(output.read_text())
 
 
@@ -250,8 +254,7 @@ def spawn_worker(spec: dict[str, Any], env: dict[str, str],
         except subprocess.TimeoutExpired:
             return {"error": f"timed out after {timeout} s"}
         if proc.returncode != 0 or not output.is_file():
-            tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-15:]
-            return {"error": f"worker exited with {proc.returncode}: " + "\n".join(tail)}
+            return _worker_failure(proc.returncode, proc.stderr or proc.stdout or "")
         return json.loads(output.read_text())
 
 
