@@ -35,6 +35,24 @@ from loft.ops import _Spec
 __all__ = ["bucket_step", "shift_step"]
 
 
+def _apply(fn: type[torch.autograd.Function], *args: Any) -> Any:
+    """``fn.apply(*args)`` for a Function without ``setup_context``.
+
+    Outside functorch transforms, ``Function.apply`` only unwraps dead functorch
+    wrappers (a Python pass over every argument; a step has two per parameter) before
+    calling the C++ ``apply``. Tensors here come from loft's own step, which runs no
+    transform, so this calls the C++ ``apply`` directly; under a transform it is the
+    usual path.
+    """
+    if torch._C._are_functorch_transforms_active():
+        return fn.apply(*args)
+    return _C_APPLY.__get__(None, fn)(*args)
+
+
+#: The C++ ``apply`` that ``Function.apply`` calls last (a classmethod of ``_FunctionBase``).
+_C_APPLY = torch._C._FunctionBase.__dict__["apply"]
+
+
 def _cat(bucket: Bucket, parts: Sequence[Tensor | None], like: Tensor) -> Tensor:
     """The flat buffer of ``parts`` (``None``: zeros), in ``bucket``'s dtype and device."""
     if not parts:
@@ -223,7 +241,8 @@ def bucket_step(spec: _Spec, bucket: Bucket, base: Tensor | None, views: Sequenc
     Returns:
         The new weights as views of one new flat buffer, and the new state buffers.
     """
-    outs = _BucketStep.apply(spec, bucket, base, *views, *grads, *state, *hyper, segments, flags)
+    outs = _apply(_BucketStep, spec, bucket, base, *views, *grads, *state, *hyper, segments,
+                  flags)
     s = len(bucket.numels)
     return list(outs[:s]), list(outs[s:])
 
@@ -267,4 +286,4 @@ def shift_step(spec: _Spec, bucket: Bucket, base: Tensor | None, views: Sequence
     # The in-place kernel returns the new params alone; the state is then ``state``.
     new_params, new_state = (outs, list(state)) if inplace is not None else (outs[0],
                                                                              list(outs[1:]))
-    return list(_Shift.apply(bucket, new_params, *views)), new_state
+    return list(_apply(_Shift, bucket, new_params, *views)), new_state

@@ -68,12 +68,29 @@ class Bucket:
         return cached
 
     def plain_views(self, flat: Tensor) -> list[Tensor]:
-        """The parameters as views into ``flat`` with no autograd node of loft's (under
-        grad mode, torch's own view nodes; otherwise one C++ call for all of them)."""
-        if torch.is_grad_enabled() or any(n == 0 for n in self.numels):
+        """The parameters as views into ``flat`` with no autograd node of loft's.
+
+        Under grad mode they are torch's own differentiable views (split, then view).
+        Otherwise each is one ``as_strided`` call on ``flat`` (contiguous strides at the
+        tensor's offset): one dispatch per tensor instead of two, which halves a cost
+        that every step pays on models with many small tensors.
+        """
+        if torch.is_grad_enabled():
             return [part.view(shape) for part, shape in zip(flat.split(self.numels),
                                                             self.shapes)]
-        return list(torch._C._nn.unflatten_dense_tensors(flat, self.templates()))
+        as_strided = flat.as_strided
+        base = flat.storage_offset()
+        return [as_strided(shape, stride, base + offset)
+                for shape, stride, offset in self._strided_layout()]
+
+    def _strided_layout(self) -> list[tuple[torch.Size, tuple[int, ...], int]]:
+        """``(shape, contiguous strides, offset)`` of each parameter in the flat buffer."""
+        cached = self.__dict__.get("_layout")
+        if cached is None:
+            cached = [(torch.Size(shape), _contiguous_strides(shape), offset)
+                      for shape, offset in zip(self.shapes, self.offsets)]
+            self.__dict__["_layout"] = cached
+        return cached
 
     def gather(self, parts: Sequence[Tensor], slot: int, run: Any) -> Any:
         """``run(flat)``, where ``flat`` holds ``parts`` (one tensor per parameter, all
@@ -165,6 +182,11 @@ class _Views(torch.autograd.Function):
         if ref is None:
             return None, None
         return None, _Flatten.apply(b, *[None if g is None else g.to(ref.dtype) for g in grads])
+
+
+def _contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
+    """The strides torch gives a contiguous tensor of ``shape``."""
+    return tuple(torch.empty(shape, device="meta").stride())
 
 
 def make_buckets(params: Sequence[Tensor], groups: Sequence[int | None]) -> list[Bucket]:

@@ -50,24 +50,34 @@ class _Spec:
         self.segments_index = num_buffers
         self.hyper_start = num_buffers + 1
         self.num_outputs = num_buffers - 1  # every buffer but grads
+        self._kernels: dict[str, Callable[..., Any]] = {}
+
+    def _kernel(self, suffix: str) -> Callable[..., Any]:
+        """``torch.ops.loft.<name><suffix>`` called below autograd (looked up once: the op
+        namespace lookup costs more than a small step's kernel)."""
+        fn = self._kernels.get(suffix)
+        if fn is None:
+            fn = _below_autograd(getattr(torch.ops.loft, self.name + suffix).default)
+            self._kernels[suffix] = fn
+        return fn
 
     def forward_fn(self, device: torch.device) -> Callable[..., Any]:
         if _ext.has_device_kernels(device):
             # Inside autograd.Function.forward: straight to the kernel.
-            return _below_autograd(getattr(torch.ops.loft, self.name).default)
+            return self._kernel("")
         return getattr(reference, self.name)
 
     def inplace_fn(self, device: torch.device) -> Callable[..., Any] | None:
         """The in-place-state kernel for ``device``, or ``None`` where there is none (only
         the CPU has one: CUDA's caching allocator already reuses the state's memory)."""
         if self.inplace and device.type == "cpu" and _ext.has_device_kernels(device):
-            return _below_autograd(getattr(torch.ops.loft, self.name + "_").default)
+            return self._kernel("_")
         return None
 
     def backward_fn(self, device: torch.device, differentiable: bool) -> Callable[..., Any]:
         if not differentiable and _ext.has_device_kernels(device):
             # Not differentiated again (grad mode is off).
-            return _below_autograd(getattr(torch.ops.loft, self.name + "_backward").default)
+            return self._kernel("_backward")
         # The forward already validated these inputs.
         return functools.partial(getattr(reference, self.name + "_backward"), check=False)
 
