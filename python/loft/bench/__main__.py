@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from loft.bench.long import DEFAULT_LONG_REPEATS, DEFAULT_LONG_STEPS, LONG_QUICK
+from loft.bench.measure import DEFAULT_TIME_BUDGET_S
 from loft.bench.suite import (
     DEFAULT_MODELS,
     DEFAULT_OPTIMIZERS,
@@ -73,9 +74,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--timeout", type=float, default=600.0,
                         help="seconds before a worker is abandoned (default: 600)")
-    parser.add_argument("--time-budget", type=float, default=20.0,
+    parser.add_argument("--time-budget", type=float, default=DEFAULT_TIME_BUDGET_S,
                         help="seconds of timed runs per measurement: slow ones take fewer "
-                             "repeats (at least 1; default: 20)")
+                             f"repeats (at least 1; default: {DEFAULT_TIME_BUDGET_S:g})")
     parser.add_argument("--out", default="loft-bench",
                         help="output directory (default: ./loft-bench/)")
     args = parser.parse_args(argv)

@@ -73,6 +73,11 @@ __all__ = [
 #: bare floor: forward + ``autograd.grad(create_graph=True)``, no update.
 IMPLEMENTATIONS = ("loft", "loft-reference", "per-tensor", "higher", "floor")
 
+#: Seconds of timed runs per measurement by default: runs that take longer get fewer
+#: repeats (at least one). 5 s keeps 5 repeats of every T = 10 and T = 50 run (the
+#: targets' T) and gives the long T = 200 runs of model B one or two.
+DEFAULT_TIME_BUDGET_S = 5.0
+
 
 class Runner:
     """One implementation of the inner loop on a built workload.
@@ -443,7 +448,7 @@ def _instrumented_run(runner: Runner, steps: int, device: torch.device) -> dict[
 
 def measure(workload: Workload, implementation: str, repeats: int = 5,
             device: torch.device | str = "cpu", memory: bool = True,
-            time_budget_s: float | None = 20.0) -> dict[str, Any]:
+            time_budget_s: float | None = DEFAULT_TIME_BUDGET_S) -> dict[str, Any]:
     """Measure ``implementation`` on ``workload`` in this process (see module docstring).
 
     Returns a JSON-serialisable dict: medians and every repeat of the times (seconds),

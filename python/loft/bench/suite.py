@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loft.bench.measure import IMPLEMENTATIONS
+from loft.bench.measure import DEFAULT_TIME_BUDGET_S, IMPLEMENTATIONS
 from loft.bench.workloads import MODELS, OPTIMIZERS, Workload
 
 __all__ = [
@@ -259,7 +259,8 @@ def spawn_worker(spec: dict[str, Any], env: dict[str, str],
 
 
 def run_worker(job: Job, repeats: int, device: str = "cpu", threads: int = 1,
-               timeout: float | None = 600.0, time_budget_s: float | None = 20.0,
+               timeout: float | None = 600.0,
+               time_budget_s: float | None = DEFAULT_TIME_BUDGET_S,
                launcher: ForkServer | None = None) -> dict[str, Any]:
     """Measure ``job`` in a fresh process: forked by ``launcher``, else a new
     ``python -m loft.bench._worker``.
@@ -468,7 +469,7 @@ def run_suite(
     progress: bool = True,
     timeout: float | None = 600.0,
     command: str | None = None,
-    time_budget_s: float | None = 20.0,
+    time_budget_s: float | None = DEFAULT_TIME_BUDGET_S,
 ) -> SuiteResult:
     """Run every measurement in its own worker process and collect the results.
 
