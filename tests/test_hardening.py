@@ -361,6 +361,27 @@ def test_unusual_parameters_match_the_reference_backend(kind: str, opt_item: tup
     assert all(torch.isfinite(t).all() for t in fused_result)
 
 
+def test_views_of_a_flat_buffer_are_the_same_with_and_without_grad_mode() -> None:
+    """Outside grad mode, a step cuts its new flat buffer with one as_strided per
+    tensor; the views must be those of split + view (shape, strides, offset, base,
+    values), also for 0-d, empty and size-1 dimensions and a buffer that does not start
+    its storage."""
+    from loft.flat import make_buckets
+
+    shapes = [(3, 4), (), (0, 5), (2, 1, 3), (7,), (1,)]
+    bucket = make_buckets([torch.zeros(s) for s in shapes], [0] * len(shapes))[0]
+    storage = torch.arange(bucket.numel + 3, dtype=torch.float32)
+    flat = storage[3:]
+    with torch.no_grad():
+        fast = bucket.plain_views(flat)
+    slow = bucket.plain_views(flat)  # grad mode: torch's split and view
+    assert [tuple(v.shape) for v in fast] == shapes
+    for a, b in zip(fast, slow):
+        assert (a.shape, a.stride(), a.storage_offset()) == (b.shape, b.stride(),
+                                                             b.storage_offset())
+        assert a._base is flat._base and torch.equal(a, b)
+
+
 def test_non_contiguous_params_passed_to_step(fused: None,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """Without a patched model: non-contiguous views given as ``params=``."""
