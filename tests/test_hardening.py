@@ -382,6 +382,25 @@ def test_views_of_a_flat_buffer_are_the_same_with_and_without_grad_mode() -> Non
         assert a._base is flat._base and torch.equal(a, b)
 
 
+def test_segment_tables_of_usual_steps_equal_the_built_ones() -> None:
+    """The usual step's segment table is a slice of a batch of tables made several step
+    counts at a time; across batch boundaries, backwards in step count and next to
+    steps with an inactive tensor, each must equal the table built row by row, be
+    contiguous, and stay unchanged when later tables are made."""
+    from loft.flat import make_buckets
+
+    bucket = make_buckets([torch.zeros(3, 4), torch.zeros(5), torch.zeros(2, 2)], [0, 1, 0])[0]
+    kept = []
+    for step in [0, 1, 2, 31, 32, 33, 64, 5, 100, 0]:
+        for active in ([True, True, True], [True, False, True]):
+            steps = [step] * 3
+            table = bucket.segments(steps, active)
+            assert table.is_contiguous()
+            assert torch.equal(table, bucket._table(steps, active)), (step, active)
+            kept.append((table, table.clone()))
+    assert all(torch.equal(table, copy) for table, copy in kept)
+
+
 def test_non_contiguous_params_passed_to_step(fused: None,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """Without a patched model: non-contiguous views given as ``params=``."""

@@ -19,6 +19,11 @@ from torch import Tensor
 __all__ = ["Bucket", "make_buckets", "hyper_tensor"]
 
 
+#: Segment tables of the usual step (all tensors active, one step count) are built this
+#: many step counts at a time (:meth:`Bucket.segments`).
+_TABLE_BATCH = 32
+
+
 @dataclass
 class Bucket:
     """Parameters of one (device, dtype), flattened in the order of ``indices``."""
@@ -120,16 +125,18 @@ class Bucket:
         """The ``[S, 5]`` int64 segment table for one step."""
         first = steps[0] if steps else 0
         if all(active) and all(st == first for st in steps):
-            # The usual step: every tensor active, one step count. Fill a copy of the
-            # constant columns instead of building the table from Python lists.
-            base = self.__dict__.get("_segment_base")
-            if base is None:
+            # The usual step: every tensor active, one step count. The tables of such
+            # steps are made _TABLE_BATCH at a time (one copy and one fill), and each is
+            # a read-only slice of that batch; the ops never write their table.
+            batch_start, batch = self.__dict__.get("_table_batch", (None, None))
+            if batch_start is None or not 0 <= first - batch_start < len(batch):
                 base = self._table([0] * len(self.numels), [True] * len(self.numels))
-                self.__dict__["_segment_base"] = base
-            table = base.clone()
-            if first:
-                table.select(1, 3).fill_(first)
-            return table
+                batch = base.unsqueeze(0).repeat(_TABLE_BATCH, 1, 1)
+                batch.select(2, 3).copy_(torch.arange(
+                    first, first + _TABLE_BATCH, device=batch.device).unsqueeze(1))
+                batch_start = first
+                self.__dict__["_table_batch"] = (batch_start, batch)
+            return batch[first - batch_start]
         return self._table(steps, active)
 
     def _table(self, steps: Sequence[int], active: Sequence[bool]) -> Tensor:

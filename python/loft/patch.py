@@ -239,7 +239,11 @@ class FunctionalModule(_PatchedView, nn.Module):
 
     @fast_params.setter
     def fast_params(self, value: Iterable[Tensor]) -> None:
-        value = list(value)
+        self._record(list(value))
+
+    def _record(self, value: list[Tensor]) -> None:
+        """Append ``value`` to the history (or replace the one entry kept when not
+        tracking higher-order gradients)."""
         if self._fast_params is None:
             object.__setattr__(self, "_fast_params", [])
         step = self._times[-1] + 1 if self._times else 0
@@ -268,7 +272,9 @@ class FunctionalModule(_PatchedView, nn.Module):
         """
         params = list(params)
         if _checked:
-            self.fast_params = params
+            # Not ``self.fast_params = params``: that goes through nn.Module.__setattr__,
+            # which costs ten times the recording itself on every step.
+            self._record(params)
             return
         if len(params) != self._num_params:
             raise ValueError(
@@ -281,7 +287,7 @@ class FunctionalModule(_PatchedView, nn.Module):
             if new.shape != shape:
                 raise ValueError(f"fast weight {i} must have shape {list(shape)}, "
                                  f"got {list(new.shape)}")
-        self.fast_params = params
+        self._record(params)
 
     @property
     def recorded_times(self) -> list[int]:
