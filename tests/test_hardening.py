@@ -401,6 +401,39 @@ def test_segment_tables_of_usual_steps_equal_the_built_ones() -> None:
     assert all(torch.equal(table, copy) for table, copy in kept)
 
 
+def test_sgd_steps_after_the_first_share_one_segment_table(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """SGD reads only whether a tensor's step count is 0, so its steps after the first
+    pass the same table (one storage kept by the backward for the whole loop, not one
+    per step); Adam's tables carry the true step counts."""
+    from loft.flat import Bucket
+
+    tables: list[torch.Tensor] = []
+    original = Bucket.segments
+
+    def recording(self: Bucket, steps: Any, active: Any) -> torch.Tensor:
+        table = original(self, steps, active)
+        tables.append(table)
+        return table
+
+    monkeypatch.setattr(Bucket, "segments", recording)
+    x, y = torch.randn(4, 3), torch.randn(4, 2)
+    for opt_type, kwargs in ((torch.optim.SGD, dict(lr=0.1, momentum=0.9)),
+                             (torch.optim.Adam, dict(lr=0.1))):
+        tables.clear()
+        model = nn.Linear(3, 2)
+        with loft.innerloop_ctx(model, opt_type(model.parameters(), **kwargs)) as (f, opt):
+            for _ in range(5):
+                opt.step(((f(x) - y) ** 2).mean())
+        steps = [t[:, 3].tolist() for t in tables]
+        if opt_type is torch.optim.SGD:
+            assert steps == [[0, 0]] + [[1, 1]] * 4
+            assert len({t.untyped_storage().data_ptr() for t in tables[1:]}) == 1
+            assert len({t.data_ptr() for t in tables[1:]}) == 1
+        else:
+            assert steps == [[k, k] for k in range(5)]
+
+
 def test_non_contiguous_params_passed_to_step(fused: None,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """Without a patched model: non-contiguous views given as ``params=``."""

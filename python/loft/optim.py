@@ -404,6 +404,10 @@ class _FlatOptimizer(DifferentiableOptimizer):
 
     _hyper_names: tuple[str, ...] = ()
     _optional_state: str = ""
+    #: The op reads only whether a tensor's step count is 0 (SGD's momentum starts on
+    #: the first step): the segment tables then carry min(step, 1), so every later step
+    #: shares one table instead of keeping its own for the backward.
+    _first_step_only: bool = False
     #: The fused op this optimiser runs (``None``: :meth:`_call_op` on flat buffers).
     _spec: ops._Spec | None = None
 
@@ -524,7 +528,10 @@ class _FlatOptimizer(DifferentiableOptimizer):
                         self._needs_optional(flags) and b.numel > 0:
                     state[self._optional_state] = torch.zeros(b.numel, dtype=b.dtype,
                                                               device=b.device)
-                steps = [self._steps[i] for i in b.indices]
+                if self._first_step_only:
+                    steps = [min(self._steps[i], 1) for i in b.indices]
+                else:
+                    steps = [self._steps[i] for i in b.indices]
                 segments = b.segments(steps, active)
                 views, state_new = self._step_bucket(
                     b, self._flat_params[k] if intact else None, [params[i] for i in b.indices],
@@ -658,6 +665,7 @@ class DifferentiableSGD(_FlatOptimizer):
     _hyper_names = ops.SGD_HYPER
     _spec = ops._SGD
     _optional_state = "momentum_buffer"
+    _first_step_only = True
 
     def _initial_step(self, state: dict[str, Any]) -> int:
         # torch.optim.SGD keeps no step count: a momentum buffer means "not the first step".
