@@ -44,13 +44,14 @@ def _apply(fn: type[torch.autograd.Function], *args: Any) -> Any:
     transform, so this calls the C++ ``apply`` directly; under a transform it is the
     usual path.
     """
-    if torch._C._are_functorch_transforms_active():
+    if _C_APPLY is None or torch._C._are_functorch_transforms_active():
         return fn.apply(*args)
     return _C_APPLY.__get__(None, fn)(*args)
 
 
-#: The C++ ``apply`` that ``Function.apply`` calls last (a classmethod of ``_FunctionBase``).
-_C_APPLY = torch._C._FunctionBase.__dict__["apply"]
+#: The C++ ``apply`` that ``Function.apply`` calls last (a classmethod of
+#: ``_FunctionBase``); ``None`` if a torch version has moved it.
+_C_APPLY = vars(torch._C._FunctionBase).get("apply")
 
 
 def _cat(bucket: Bucket, parts: Sequence[Tensor | None], like: Tensor) -> Tensor:
