@@ -434,6 +434,74 @@ def test_sgd_steps_after_the_first_share_one_segment_table(
             assert steps == [[k, k] for k in range(5)]
 
 
+class _WithUnusedLayer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second, self.unused = nn.Linear(3, 4), nn.Linear(4, 2), nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(torch.tanh(self.first(x)))
+
+
+PASS_THROUGH_OPTIMIZERS = [
+    (torch.optim.SGD, dict(lr=0.1, momentum=0.9, nesterov=True)),
+    (torch.optim.SGD, dict(lr=0.1)),
+    (torch.optim.Adam, dict(lr=0.05, amsgrad=True, maximize=True)),
+    (torch.optim.AdamW, dict(lr=0.05, weight_decay=0.0)),
+    (torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=0.01)),  # no pass-through
+    (torch.optim.Adam, dict(lr=0.05, weight_decay=0.01)),  # no pass-through
+]
+
+
+@pytest.mark.parametrize("opt_item", PASS_THROUGH_OPTIMIZERS,
+                         ids=lambda o: f"{o[0].__name__}-{o[1]}")
+@pytest.mark.parametrize("learned_wd", [False, True])
+def test_weights_gradient_pass_through_equals_the_kernels(
+        opt_item: tuple[type, dict], learned_wd: bool, fused: None,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without weight decay, a step's backward hands the upstream gradient of the new
+    weights to the old ones as it is instead of the kernel's copy. The meta-gradients
+    with respect to every recorded step's weights (one tensor unused, so inactive) must
+    equal, bit for bit, those of the kernel's copy; and it must be used exactly when the
+    weight decay is 0 and does not require grad."""
+    from loft import _step
+
+    opt_type, kwargs = opt_item
+    original = _step._params_pass_through
+    used: list[bool] = []
+
+    def run(allow: bool) -> list[torch.Tensor]:
+        def check(spec: Any, hyper: Any) -> bool:
+            used.append(original(spec, hyper))
+            return used[-1] and allow
+
+        monkeypatch.setattr(_step, "_params_pass_through", check)
+        torch.manual_seed(0)
+        model = _WithUnusedLayer()
+        opt = opt_type(model.parameters(), **kwargs)
+        override = None
+        if learned_wd:
+            override = {"weight_decay": [torch.tensor(kwargs.get("weight_decay", 0.0),
+                                                      requires_grad=True)]}
+        x, y = torch.randn(5, 3), torch.randn(5, 2)
+        with loft.innerloop_ctx(model, opt, override=override) as (fmodel, diffopt):
+            for _ in range(3):
+                diffopt.step(((fmodel(x) - y) ** 2).mean())
+            meta = ((fmodel(x * 0.5) - y) ** 2).mean()
+            weights = [w for t in range(4) for w in fmodel.parameters(time=t)][:-2]
+            grads = torch.autograd.grad(meta, weights, allow_unused=True)
+        return [g if g is not None else torch.zeros(0) for g in grads]
+
+    with_pass = run(True)
+    expect_used = kwargs.get("weight_decay", 0.0) == 0 and not learned_wd
+    assert used and all(u == expect_used for u in used)
+    used.clear()
+    with_kernel = run(False)
+    assert len(with_pass) == len(with_kernel)
+    for i, (a, b) in enumerate(zip(with_pass, with_kernel)):
+        assert torch.equal(a, b), f"gradient {i} differs"
+
+
 def test_non_contiguous_params_passed_to_step(fused: None,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """Without a patched model: non-contiguous views given as ``params=``."""

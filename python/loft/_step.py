@@ -157,7 +157,8 @@ class _BucketStep(torch.autograd.Function):
             return _with_upstream(bucket, grad_outputs, params_flat, lambda up, up_state: fn(
                 up, *up_state, params_flat, flat_grads, *state, segments, *hyper, flags, mask))
 
-        return _input_grads(ctx, _with_flat(bucket, grads, params_flat, 0, run))
+        through = grad_outputs[:s] if _params_pass_through(spec, hyper) else None
+        return _input_grads(ctx, _with_flat(bucket, grads, params_flat, 0, run), through)
 
 
 def _with_upstream(bucket: Bucket, grad_outputs: Sequence[Tensor | None], like: Tensor,
@@ -174,16 +175,40 @@ def _with_upstream(bucket: Bucket, grad_outputs: Sequence[Tensor | None], like: 
     return _with_flat(bucket, view_grads, like, 1, lambda flat: run(flat, upstream_state))
 
 
-def _input_grads(ctx: Any, result: Sequence[Tensor]) -> tuple[Tensor | None, ...]:
+def _params_pass_through(spec: _Spec, hyper: Sequence[Tensor]) -> bool:
+    """Whether the gradient of the weights is the upstream gradient of the new weights,
+    unchanged: for SGD and Adam(W) that is so for every element, active or not, when the
+    weight decay is 0 in every group (``p' = p - delta`` with ``delta`` independent of
+    ``p``; the kernels then return ``P`` exactly, ``P * (1 - lr * 0)`` for AdamW). Not
+    when the weight decay requires grad (the gradient then depends on it), and only read
+    on the CPU (on CUDA the check would synchronise)."""
+    wd = hyper[spec.hyper.index("weight_decay")]
+    return wd.device.type == "cpu" and not wd.requires_grad and not bool(wd.any())
+
+
+def _input_grads(ctx: Any, result: Sequence[Tensor],
+                 upstream_views: Sequence[Tensor | None] | None = None
+                 ) -> tuple[Tensor | None, ...]:
     """The backward kernel's ``result`` as the gradients of :class:`_BucketStep`'s inputs
-    ``(spec, bucket, base, views..., grads..., state..., hyper..., segments, flags)``."""
+    ``(spec, bucket, base, views..., grads..., state..., hyper..., segments, flags)``.
+
+    ``upstream_views``: the upstream gradients of the new weights, to be returned as the
+    gradients of the old ones (:func:`_params_pass_through`) instead of cutting the
+    kernel's copy of them into views.
+    """
     spec: _Spec = ctx.spec
     bucket: Bucket = ctx.bucket
     s, n_state = len(bucket.numels), ctx.n_state
     needs = ctx.needs_input_grad
     first_hyper = 3 + 2 * s + n_state
     out: list[Tensor | None] = [None, None, None]
-    out += _split(bucket, result[0], needs[3:3 + s])
+    if upstream_views is not None:
+        like = result[0]  # the kernel's dense copy: zeros where the upstream had none
+        out += [None if not need else g if g is not None else
+                like.new_zeros(shape) for g, need, shape in
+                zip(upstream_views, needs[3:3 + s], bucket.shapes)]
+    else:
+        out += _split(bucket, result[0], needs[3:3 + s])
     out += _split(bucket, result[1], [p and n for p, n in
                                       zip(ctx.grad_present, needs[3 + s:3 + 2 * s])])
     out += [g if needs[3 + 2 * s + i] else None
@@ -219,7 +244,8 @@ def _linear_backward(ctx: Any, grad_outputs: Sequence[Tensor | None]) -> tuple:
         return fn(upstream_params, *upstream_state, stand_in, stand_in, *state, segments,
                   *hyper, flags, 0)
 
-    return _input_grads(ctx, _with_upstream(bucket, grad_outputs, present[0], run))
+    through = view_grads if _params_pass_through(spec, hyper) else None
+    return _input_grads(ctx, _with_upstream(bucket, grad_outputs, present[0], run), through)
 
 
 def bucket_step(spec: _Spec, bucket: Bucket, base: Tensor | None, views: Sequence[Tensor],
