@@ -54,13 +54,18 @@ def _apply(fn: type[torch.autograd.Function], *args: Any) -> Any:
 _C_APPLY = vars(torch._C._FunctionBase).get("apply")
 
 
+def _all_in_place(bucket: Bucket, parts: Sequence[Tensor | None]) -> bool:
+    """Whether every part is present and already in ``bucket``'s dtype and device (so it
+    can be copied into a flat buffer as it is)."""
+    return all(t is not None and t.dtype == bucket.dtype and t.device == bucket.device
+               for t in parts)
+
+
 def _cat(bucket: Bucket, parts: Sequence[Tensor | None], like: Tensor) -> Tensor:
     """The flat buffer of ``parts`` (``None``: zeros), in ``bucket``'s dtype and device."""
     if not parts:
         return like.new_empty(0)
-    if not torch.is_grad_enabled() and all(
-            t is not None and t.dtype == bucket.dtype and t.device == bucket.device
-            for t in parts):
+    if not torch.is_grad_enabled() and _all_in_place(bucket, parts):
         # One C++ call instead of a reshape per tensor (a per-step cost on small models).
         return torch._C._nn.flatten_dense_tensors(list(parts))
     return torch.cat([
@@ -77,9 +82,8 @@ def _with_flat(bucket: Bucket, parts: Sequence[Tensor | None], like: Tensor, slo
     (:meth:`Bucket.gather`) where it can be: outside grad mode, and where ``run`` calls
     the fused kernels, whose outputs are always new tensors (the reference formulas may
     return an input as it is)."""
-    if parts and not torch.is_grad_enabled() and _ext.has_device_kernels(bucket.device) and all(
-            t is not None and t.dtype == bucket.dtype and t.device == bucket.device
-            for t in parts):
+    if parts and not torch.is_grad_enabled() and _ext.has_device_kernels(bucket.device) and \
+            _all_in_place(bucket, parts):
         return bucket.gather(parts, slot, run)  # type: ignore[arg-type]
     return run(_cat(bucket, parts, like))
 

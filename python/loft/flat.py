@@ -64,14 +64,6 @@ class Bucket:
             return []
         return list(_Views.apply(self, flat))
 
-    def templates(self) -> list[Tensor]:
-        """Shape-only (meta) tensors of the parameters, for one-call flatten/unflatten."""
-        cached = self.__dict__.get("_templates")
-        if cached is None:
-            cached = [torch.empty(shape, device="meta") for shape in self.shapes]
-            self.__dict__["_templates"] = cached
-        return cached
-
     def plain_views(self, flat: Tensor) -> list[Tensor]:
         """The parameters as views into ``flat`` with no autograd node of loft's.
 
@@ -114,7 +106,7 @@ class Bucket:
         entry = scratch.pop(slot, None)  # taken while in use: a re-entrant call makes its own
         if entry is None:
             flat = torch.empty(self.numel, dtype=self.dtype, device=self.device)
-            entry = (flat, list(torch._C._nn.unflatten_dense_tensors(flat, self.templates())))
+            entry = (flat, self.plain_views(flat))
         torch._foreach_copy_(entry[1], list(parts))
         try:
             return run(entry[0])

@@ -120,8 +120,10 @@ def _private_copies(fmodel: FunctionalModule,
     d.param_groups = [dict(group) for group in diffopt.param_groups]
     d._flat_params = list(diffopt._flat_params)
     d._flat_state = [dict(state) for state in diffopt._flat_state]
-    # The checkpoints keep references to the state: never update it in place.
+    # The checkpoints keep references to the state: never update it in place. Its own
+    # (empty) record of privately held state, not a share of diffopt's set.
     d.__dict__["_keep_state"] = True
+    d.__dict__["_private_state"] = set()
     d._steps = list(diffopt._steps)
     d._last_params = list(diffopt._last_params)
     d.__dict__["_hyper_cache"] = {}
