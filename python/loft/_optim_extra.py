@@ -75,26 +75,55 @@ class _ReferenceFlatOptimizer(_FlatOptimizer):
     def _group_flags(self, group: dict[str, Any]) -> int:
         return MAXIMIZE if group.get("maximize", False) else 0
 
-    def _call_op(self, params, grads, state, segments, hyper, flags):
+    def _call_op(self, params, grads, state, segments, hyper, flags, elementwise):
         layout = reference._layout(self._op_name, params, segments, flags, check=False)
         ct = reference.compute_dtype(params.dtype)
         act = layout.active
         p = params.to(ct)
         g = torch.where(act, grads.to(ct), 0)
         g = torch.where(_flag(flags, layout, MAXIMIZE), -g, g)
-        p_new, new_state = self._math(p, g, state, layout, segments, hyper, flags, ct)
+        p_new, new_state = self._math(p, g, state, layout, segments,
+                                      _Hyper(hyper, elementwise, layout), flags, ct)
         out_state = {name: value.to(state[name].dtype) for name, value in new_state.items()}
         return torch.where(act, p_new, p).to(params.dtype), out_state
 
     def _math(self, p: Tensor, g: Tensor, state: dict[str, Tensor], layout: Any,
-              segments: Tensor, hyper: dict[str, Tensor], flags: Tensor,
+              segments: Tensor, hyper: _Hyper, flags: Tensor,
               ct: torch.dtype) -> tuple[Tensor, dict[str, Tensor]]:
         raise NotImplementedError
 
 
-def _seg(hyper: Tensor, layout: Any) -> Tensor:
-    """A per-group hyperparameter per segment, in float64 (differentiable)."""
-    return hyper.double()[layout.seg_group]
+class _Hyper:
+    """A step's hyperparameters for the reference math: each one per group (``[G]``) or,
+    where a group gave a tensor shaped like its parameters, per element (``[N]``)."""
+
+    def __init__(self, hyper: dict[str, Tensor], elementwise: dict[str, Tensor],
+                 layout: Any) -> None:
+        self.hyper, self.elementwise, self.layout = hyper, elementwise, layout
+
+    def __getitem__(self, name: str) -> Tensor:
+        """Hyperparameter ``name`` of every element (the compute dtype)."""
+        values = self.elementwise.get(name)
+        return values if values is not None else self.hyper[name][self.layout.group]
+
+    def per_element(self, *names: str) -> bool:
+        """Whether any of ``names`` is given per element."""
+        return any(name in self.elementwise for name in names)
+
+    def scalars(self, name: str, per_element: bool) -> Tensor:
+        """``name`` in float64 per segment (``[S]``), or per element with ``per_element``."""
+        if per_element:
+            return self[name].double()
+        return self.hyper[name].double()[self.layout.seg_group]
+
+    def steps(self, per_element: bool) -> Tensor:
+        """Each tensor's step count after this update, float64, per segment or element."""
+        t = self.layout.seg_t
+        return self.layout.per_segment(t, torch.float64) if per_element else t
+
+    def to_elements(self, values: Tensor, per_element: bool, ct: torch.dtype) -> Tensor:
+        """Float64 values of :meth:`scalars`' layout, per element in ``ct``."""
+        return values.to(ct) if per_element else self.layout.per_segment(values, ct)
 
 
 class DifferentiableAdagrad(_ReferenceFlatOptimizer):
@@ -122,26 +151,23 @@ class DifferentiableAdagrad(_ReferenceFlatOptimizer):
             "eps": group.get("eps", 1e-10),
         }
 
-    def _setup(self, params: list[Tensor]) -> None:
+    def _default_state(self, name: str, group: dict[str, Any], shape: torch.Size,
+                       b: Any) -> Tensor | None:
         # torch.optim.Adagrad creates its accumulator in __init__; fill it for a
         # parameter whose state is missing (an optimizer built some other way).
-        for i, st in enumerate(self._init_state):
-            group = self._group_of[i]
-            if group is not None and st.get("sum") is None:
-                value = float(self.param_groups[group].get("initial_accumulator_value", 0.0))
-                st["sum"] = torch.full_like(params[i].detach(), value)
-        super()._setup(params)
+        value = float(group.get("initial_accumulator_value", 0.0))
+        return torch.full(shape, value, dtype=b.dtype, device=b.device)
 
     def _math(self, p, g, state, layout, segments, hyper, flags, ct):
-        act, grp = layout.active, layout.group
-        g2 = g + hyper["weight_decay"][grp] * p
+        act = layout.active
+        g2 = g + hyper["weight_decay"] * p
         s = state["sum"].to(ct)
         s_new = s + g2 * g2
-        std = _sqrt0(torch.where(act, s_new, 1)) + hyper["eps"][grp]
+        std = _sqrt0(torch.where(act, s_new, 1)) + hyper["eps"]
         std = torch.where(act, std, 1)
-        clr_seg = _seg(hyper["lr"], layout) / (1 + (layout.seg_t - 1) *
-                                                 _seg(hyper["lr_decay"], layout))
-        clr = layout.per_segment(clr_seg, ct)
+        each = hyper.per_element("lr", "lr_decay")
+        clr = hyper.to_elements(hyper.scalars("lr", each) / (
+            1 + (hyper.steps(each) - 1) * hyper.scalars("lr_decay", each)), each, ct)
         p_new = p + (-clr) * g2 / std
         return p_new, {"sum": torch.where(act, s_new, s)}
 
@@ -171,15 +197,15 @@ class DifferentiableAdadelta(_ReferenceFlatOptimizer):
         }
 
     def _math(self, p, g, state, layout, segments, hyper, flags, ct):
-        act, grp = layout.active, layout.group
-        rho, eps = hyper["rho"][grp], hyper["eps"][grp]
-        g2 = g + hyper["weight_decay"][grp] * p
+        act = layout.active
+        rho, eps = hyper["rho"], hyper["eps"]
+        g2 = g + hyper["weight_decay"] * p
         v, u = state["square_avg"].to(ct), state["acc_delta"].to(ct)
         v_new = v * rho + (1 - rho) * g2 * g2
         std = torch.where(act, _sqrt0(torch.where(act, v_new + eps, 1)), 1)
         delta = _sqrt0(torch.where(act, u + eps, 1)) / std * g2
         u_new = u * rho + (1 - rho) * delta * delta
-        p_new = p + (-hyper["lr"][grp]) * delta
+        p_new = p + (-hyper["lr"]) * delta
         return p_new, {"square_avg": torch.where(act, v_new, v),
                        "acc_delta": torch.where(act, u_new, u)}
 
@@ -200,6 +226,7 @@ class DifferentiableAdamax(_ReferenceFlatOptimizer):
 
     _state_names = ("exp_avg", "exp_inf")
     _hyper_names = ("lr", "beta1", "beta2", "eps", "weight_decay")
+    _hyper_keys = {"beta1": "betas[0]", "beta2": "betas[1]"}
     _op_name = "adamax_step"
 
     def _group_hyper(self, group: dict[str, Any]) -> dict[str, Any]:
@@ -213,15 +240,16 @@ class DifferentiableAdamax(_ReferenceFlatOptimizer):
         }
 
     def _math(self, p, g, state, layout, segments, hyper, flags, ct):
-        act, grp = layout.active, layout.group
-        b1 = hyper["beta1"][grp]
-        g2 = g + hyper["weight_decay"][grp] * p
+        act = layout.active
+        b1 = hyper["beta1"]
+        g2 = g + hyper["weight_decay"] * p
         m, u = state["exp_avg"].to(ct), state["exp_inf"].to(ct)
         m_new = torch.lerp(m, g2, 1 - b1)
-        u_new = torch.maximum(u * hyper["beta2"][grp], g2.abs() + hyper["eps"][grp])
+        u_new = torch.maximum(u * hyper["beta2"], g2.abs() + hyper["eps"])
         denom = torch.where(act, u_new, 1)
-        clr_seg = _seg(hyper["lr"], layout) / (1 - _seg(hyper["beta1"], layout) ** layout.seg_t)
-        clr = layout.per_segment(clr_seg, ct)
+        each = hyper.per_element("lr", "beta1")
+        clr = hyper.to_elements(hyper.scalars("lr", each) / (
+            1 - hyper.scalars("beta1", each) ** hyper.steps(each)), each, ct)
         p_new = p + (-clr) * m_new / denom
         return p_new, {"exp_avg": torch.where(act, m_new, m),
                        "exp_inf": torch.where(act, u_new, u)}
@@ -253,6 +281,8 @@ class DifferentiableASGD(_ReferenceFlatOptimizer):
     """
 
     _state_names = ("ax",)
+    # A tensor without state (never stepped) takes lr and 1 at its first step.
+    _segment_state_names = {"eta": 0.0, "mu": 1.0}
     _hyper_names = ("lr", "lambd", "alpha", "t0", "weight_decay")
     _op_name = "asgd_step"
 
@@ -265,55 +295,27 @@ class DifferentiableASGD(_ReferenceFlatOptimizer):
             "weight_decay": group.get("weight_decay", 0.0),
         }
 
-    def _setup(self, params: list[Tensor]) -> None:
-        super()._setup(params)
-        assert self._buckets is not None
-        for b, st in zip(self._buckets, self._flat_state):
-            ct = reference.compute_dtype(b.dtype)
-            etas, mus = [], []
-            for i in b.indices:
-                init = self._init_state[i]
-                # A tensor without state (never stepped) takes lr and 1 at its first step.
-                etas.append(float(init["eta"]) if "eta" in init else 0.0)
-                mus.append(float(init["mu"]) if "mu" in init else 1.0)
-            st["eta"] = torch.tensor(etas, dtype=ct, device=b.device)
-            st["mu"] = torch.tensor(mus, dtype=ct, device=b.device)
-
-    @property
-    def state(self) -> list[dict[int, dict[str, Any]]]:
-        """higher's layout (see :class:`_FlatOptimizer`), with each tensor's ``eta`` and
-        ``mu`` as 0-d tensors (the base exposes only buffers of the bucket's size)."""
-        out = _FlatOptimizer.state.fget(self)
-        if self._buckets is None:
-            return out
-        where = {i: (k, j) for k, b in enumerate(self._buckets) for j, i in enumerate(b.indices)}
-        for group_state, mapping in zip(out, self._group_to_param_list):
-            for j, i in enumerate(mapping):
-                k, pos = where[i]
-                for name in ("eta", "mu"):
-                    group_state[j][name] = self._flat_state[k][name][pos]
-        return out
-
-    @state.setter
-    def state(self, value: list[dict[int, dict[str, Any]]]) -> None:
-        _FlatOptimizer.state.fset(self, value)
-
     def _math(self, p, g, state, layout, segments, hyper, flags, ct):
-        act, grp = layout.active, layout.group
+        act = layout.active
         seg_first = segments[:, 3] == 0
         seg_active = segments[:, 4] != 0
-        lr_s, lambd_s = _seg(hyper["lr"], layout), _seg(hyper["lambd"], layout)
+        if hyper.per_element("lr", "lambd", "alpha", "t0"):
+            raise ValueError(
+                "DifferentiableASGD keeps eta and mu per tensor (as torch.optim and higher): "
+                "lr, lambd, alpha and t0 must be numbers or one-element tensors (only "
+                "weight_decay may be given per element)")
+        lr_s, lambd_s = hyper.scalars("lr", False), hyper.scalars("lambd", False)
         eta_state, mu_state = state["eta"], state["mu"]
         eta_s = torch.where(seg_first, lr_s, eta_state.double())
         mu_s = torch.where(seg_first, 1, mu_state.double())
         eta, mu = layout.per_segment(eta_s, ct), layout.per_segment(mu_s, ct)
-        g2 = g + hyper["weight_decay"][grp] * p
-        p_new = p * (1 - hyper["lambd"][grp] * eta) + (-eta) * g2
+        g2 = g + hyper["weight_decay"] * p
+        p_new = p * (1 - hyper["lambd"] * eta) + (-eta) * g2
         ax = state["ax"].to(ct)
         ax_new = torch.where(mu == 1, p_new, ax + (p_new - ax) * mu)
         t = layout.seg_t
-        eta_next = lr_s / (1 + lambd_s * lr_s * t) ** _seg(hyper["alpha"], layout)
-        mu_next = 1 / torch.clamp(t - _seg(hyper["t0"], layout), min=1)
+        eta_next = lr_s / (1 + lambd_s * lr_s * t) ** hyper.scalars("alpha", False)
+        mu_next = 1 / torch.clamp(t - hyper.scalars("t0", False), min=1)
         return p_new, {
             "ax": torch.where(act, ax_new, ax),
             "eta": torch.where(seg_active, eta_next, eta_state.double()).to(ct),
@@ -354,31 +356,27 @@ class DifferentiableRMSprop(_ReferenceFlatOptimizer):
         flags = super()._group_flags(group)
         if group.get("centered", False):
             flags |= RMSPROP_CENTERED
-        if bool(group.get("momentum", 0.0) > 0):
+        momentum = group.get("momentum", 0.0)
+        if bool((momentum > 0).any()) if isinstance(momentum, Tensor) else momentum > 0:
             flags |= RMSPROP_MOMENTUM
         return flags
 
-    def _optional_needed(self) -> dict[str, bool]:
-        flags = [self._group_flags(g) for g in self.param_groups]
+    def _optional_needed(self, flags: list[int]) -> dict[str, bool]:
         return {"momentum_buffer": any(f & RMSPROP_MOMENTUM for f in flags),
                 "grad_avg": any(f & RMSPROP_CENTERED for f in flags)}
 
-    def _setup(self, params: list[Tensor]) -> None:
-        super()._setup(params)
-        for name, needed in self._optional_needed().items():
-            if not needed:
-                for st in self._flat_state:
-                    st[name] = st[name].new_empty(0)
+    def _unused_state(self, flags: list[int]) -> set[str]:
+        return {name for name, needed in self._optional_needed(flags).items() if not needed}
 
     def _math(self, p, g, state, layout, segments, hyper, flags, ct):
-        act, grp = layout.active, layout.group
+        act = layout.active
         n = p.numel()
         # A group may have switched momentum / centered on through ``override``.
-        for name, needed in self._optional_needed().items():
+        for name, needed in self._optional_needed(flags.tolist()).items():
             if needed and state[name].numel() == 0 and n > 0:
                 state[name] = torch.zeros(n, dtype=state["square_avg"].dtype, device=p.device)
-        alpha = hyper["alpha"][grp]
-        g2 = g + hyper["weight_decay"][grp] * p
+        alpha = hyper["alpha"]
+        g2 = g + hyper["weight_decay"] * p
         v = state["square_avg"].to(ct)
         v_new = v * alpha + (1 - alpha) * g2 * g2
         out = {"square_avg": torch.where(act, v_new, v)}
@@ -391,14 +389,14 @@ class DifferentiableRMSprop(_ReferenceFlatOptimizer):
         else:
             radicand = v_new
             out["grad_avg"] = state["grad_avg"]
-        avg = _sqrt0(torch.where(act, radicand, 1)) + hyper["eps"][grp]
+        avg = _sqrt0(torch.where(act, radicand, 1)) + hyper["eps"]
         avg = torch.where(act, avg, 1)
-        lr = hyper["lr"][grp]
+        lr = hyper["lr"]
         p_plain = p + (-lr) * g2 / avg
         if state["momentum_buffer"].numel() > 0:
             use_mom = _flag(flags, layout, RMSPROP_MOMENTUM) & act
             b = state["momentum_buffer"].to(ct)
-            b_new = b * hyper["momentum"][grp] + g2 / avg
+            b_new = b * hyper["momentum"] + g2 / avg
             p_new = torch.where(use_mom, p + (-lr) * b_new, p_plain)
             out["momentum_buffer"] = torch.where(use_mom, b_new, b)
         else:
@@ -426,6 +424,8 @@ class DifferentiableRprop(_ReferenceFlatOptimizer):
 
     _state_names = ("prev", "step_size")
     _hyper_names = ("lr", "etaminus", "etaplus", "step_size_min", "step_size_max")
+    _hyper_keys = {"etaminus": "etas[0]", "etaplus": "etas[1]",
+                   "step_size_min": "step_sizes[0]", "step_size_max": "step_sizes[1]"}
     _op_name = "rprop_step"
 
     def _group_hyper(self, group: dict[str, Any]) -> dict[str, Any]:
@@ -440,16 +440,16 @@ class DifferentiableRprop(_ReferenceFlatOptimizer):
         }
 
     def _math(self, p, g, state, layout, segments, hyper, flags, ct):
-        act, grp = layout.active, layout.group
+        act = layout.active
         prev = state["prev"].to(ct)
         size = state["step_size"].to(ct)
         # A tensor's first update starts from step_size = lr (torch's state init).
-        size_in = torch.where(layout.first, hyper["lr"][grp], size)
+        size_in = torch.where(layout.first, hyper["lr"], size)
         s = torch.sign(g * prev)
-        factor = torch.where(s > 0, hyper["etaplus"][grp],
-                             torch.where(s < 0, hyper["etaminus"][grp], 1))
-        size_new = torch.clamp(size_in * factor, min=hyper["step_size_min"][grp],
-                               max=hyper["step_size_max"][grp])
+        factor = torch.where(s > 0, hyper["etaplus"],
+                             torch.where(s < 0, hyper["etaminus"], 1))
+        size_new = torch.clamp(size_in * factor, min=hyper["step_size_min"],
+                               max=hyper["step_size_max"])
         g_kept = torch.where(s < 0, 0, g)
         p_new = p + (-1) * torch.sign(g_kept) * size_new
         return p_new, {"prev": torch.where(act, g_kept, prev),

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from loft import ops, reference
 from loft import utils as _utils
+from loft._higher_state import StateMirror, new_structure
 from loft._step import bucket_step, shift_step
 from loft.flat import Bucket, hyper_tensor, make_buckets
 
@@ -70,9 +71,11 @@ def _check_loss(loss: Any) -> None:
         )
 
 
-def _check_override_value(name: str, value: Any, current: Any) -> None:
+def _check_override_value(name: str, value: Any, current: Any, group: int,
+                          shapes: list[torch.Size]) -> None:
     """One group's ``override[name]``: the structure of the value it replaces (a pair for
-    ``betas``), and tensors holding one element."""
+    ``betas``), and tensors that hold one value or broadcast to each of the group's
+    parameters (``shapes``)."""
     if isinstance(current, (list, tuple)):
         if isinstance(value, Tensor) and value.dim() == 1 and len(value) == len(current):
             return
@@ -81,11 +84,11 @@ def _check_override_value(name: str, value: Any, current: Any) -> None:
                 f"override[{name!r}] values must be {type(current).__name__}s of "
                 f"{len(current)} like {current!r}, got {value!r}"
             )
-        for part in value:
-            _check_override_value(name, part, None)
-    elif isinstance(value, Tensor) and value.numel() != 1:
-        raise ValueError(f"override[{name!r}]: a tensor value must hold one element, got "
-                         f"shape {list(value.shape)}")
+        for k, part in enumerate(value):
+            _check_override_value(f"{name}[{k}]", part, None, group, shapes)
+    elif _is_per_element(value):
+        for j, shape in enumerate(shapes):
+            _check_broadcast(f"override[{name!r}] for param group {group}", j, value, shape)
 
 
 def _as_int_step(value: Any) -> int:
@@ -153,14 +156,39 @@ class DifferentiableOptimizer:
             copied["params"] = [reference_params[i] for i in mapping]
             self.param_groups.append(copied)
             self._group_to_param_list.append(mapping)
-        self._init_state = self._copy_state(other, reference_params)
-        # higher's layout: self.state[group_index][index_in_group] -> dict.
-        self.state: list[dict[int, dict[str, Any]]] = [
-            {j: dict(self._init_state[i]) for j, i in enumerate(mapping) if self._init_state[i]}
-            for mapping in self._group_to_param_list
-        ]
+        #: Tensor i's param group and index in it.
+        self._position: dict[int, tuple[int, int]] = {
+            i: (g, j) for g, mapping in enumerate(self._group_to_param_list)
+            for j, i in enumerate(mapping)}
+        self._reference_shapes: list[torch.Size | None] = [
+            p.shape if g is not None else None for p, g in zip(reference_params, self._group_of)]
+        # higher's layout, state[group_index][index_in_group] -> dict: the torch
+        # optimizer's state, copied (detached, cast to ``device``), as higher copies it.
+        structure = new_structure(len(self.param_groups))
+        for g, group in enumerate(other.param_groups):
+            for j, p in enumerate(group["params"]):
+                if p in other.state:
+                    structure[g][j] = {k: _utils._recursive_copy_and_cast(v, self._device)
+                                       for k, v in other.state[p].items()}
+        self._mirror = StateMirror(structure, self._managed_state_keys())
         if override is not None:
             self._apply_override(override)
+
+    @property
+    def state(self) -> list[dict[int, dict[str, Any]]]:
+        """higher's ``diffopt.state``: per param group a ``defaultdict(dict)`` mapping a
+        tensor's index in its group to its state (plain dicts of tensors). Reads,
+        assignments, in-place changes and deletions take effect at the next step."""
+        return self._mirror.structure
+
+    @state.setter
+    def state(self, value: list[dict[int, dict[str, Any]]]) -> None:
+        self._mirror.set(value)
+
+    def _managed_state_keys(self) -> tuple[str, ...]:
+        """The state keys loft itself keeps for a tensor (none: a per-tensor optimiser
+        written for higher keeps its own)."""
+        return ()
 
     # ---- higher's API ------------------------------------------------------------------
 
@@ -171,8 +199,7 @@ class DifferentiableOptimizer:
         set of keys) a key that the groups have, so that a typo is not silently ignored."""
         known = {key for group in self.param_groups for key in group if key != "params"}
         for name, values in override.items():
-            if (name not in known and self.param_groups
-                    and type(self)._update is DifferentiableOptimizer._update):
+            if name not in known and self.param_groups and self._reads_fixed_keys():
                 raise ValueError(
                     f"override[{name!r}]: {type(self).__name__}'s param groups have no "
                     f"hyperparameter {name!r} (they have: {', '.join(sorted(known))})"
@@ -185,7 +212,9 @@ class DifferentiableOptimizer:
                 )
             for i, group in enumerate(self.param_groups):
                 _check_override_value(name, values[0] if len(values) == 1 else values[i],
-                                      group.get(name))
+                                      group.get(name), i, [
+                                          self._reference_shapes[index]
+                                          for index in self._group_to_param_list[i]])
             for i, group in enumerate(self.param_groups):
                 group[name] = values[0] if len(values) == 1 else values[i]
 
@@ -248,10 +277,17 @@ class DifferentiableOptimizer:
         if self._fmodel is not None:
             # loft's flat optimisers return views shaped as the weights they were given;
             # a higher-style _update may return anything, so that is checked.
-            self._fmodel.update_params(new_params, _checked=self._fused_update())
+            self._fmodel.update_params(new_params, _checked=self._returns_own_views())
         return new_params
 
-    def _fused_update(self) -> bool:
+    def _returns_own_views(self) -> bool:
+        """Whether ``_flat_update`` returns loft's own views, shaped as the weights it was
+        given (a higher-style ``_update`` may return anything, so that is checked)."""
+        return False
+
+    def _reads_fixed_keys(self) -> bool:
+        """Whether the update reads a fixed set of param-group keys (loft's own classes),
+        so that an override of another key is a mistake (a typo) rather than an input."""
         return False
 
     def _check_params(self, params: list[Tensor]) -> None:
@@ -261,14 +297,7 @@ class DifferentiableOptimizer:
         if last is not None and len(last) == len(params) and all(
                 p is q for p, q in zip(params, last)):
             return  # the weights this optimizer returned last step, unchanged
-        shapes = self.__dict__.get("_reference_shapes")
-        if shapes is None:
-            shapes = [None] * self._num_params
-            for group, mapping in zip(self.param_groups, self._group_to_param_list):
-                for p, i in zip(group["params"], mapping):
-                    shapes[i] = p.shape
-            self._reference_shapes = shapes
-        for i, (p, shape) in enumerate(zip(params, shapes)):
+        for i, (p, shape) in enumerate(zip(params, self._reference_shapes)):
             if not isinstance(p, Tensor):
                 raise TypeError(f"step: params[{i}] must be a tensor, got {type(p).__name__}")
             if shape is not None and p.shape != shape:
@@ -377,32 +406,32 @@ class DifferentiableOptimizer:
         self._last_params = list(new_params)
         return new_params
 
-    def _copy_state(self, other: torch.optim.Optimizer,
-                    reference_params: list[Tensor]) -> list[dict[str, Any]]:
-        states = []
-        for p in reference_params:
-            st = other.state.get(p, {})
-            copied = {}
-            for k, v in st.items():
-                if isinstance(v, Tensor):
-                    v = v.detach().clone()
-                    if self._device is not None:
-                        v = v.to(self._device)
-                copied[k] = v
-            states.append(copied)
-        return states
-
 
 class _FlatOptimizer(DifferentiableOptimizer):
     """Flat-buffer optimiser: one op call per bucket per step.
 
     Subclasses say which state buffers they keep (``_state_names``, each one value per
-    parameter element), which hyperparameters they read from a param group
-    (``_hyper_names``, ``_group_hyper``), which per-group flags they pass
-    (``_group_flags``), and run one step over a bucket in ``_call_op``.
+    parameter element; ``_segment_state_names``, one value per tensor), which
+    hyperparameters they read from a param group (``_hyper_names``, ``_group_hyper``),
+    which per-group flags they pass (``_group_flags``), and run one step over a bucket in
+    ``_call_op`` (or name a fused op in ``_spec``).
+
+    Note: two ways to run. A class of loft's own (neither ``step`` nor ``_update``
+    overridden by a subclass) runs the flat engine (:meth:`_flat_update`), and keeps
+    higher's ``state`` dicts as a mirror of its flat buffers (:mod:`loft._higher_state`).
+    A subclass that overrides ``step`` or ``_update`` gets higher's per-tensor
+    :meth:`_update` (the same math, one tensor at a time, on ``self.state``'s dicts).
     """
 
+    #: One-value-per-tensor state buffers ([S] per bucket; ASGD's eta and mu), with the
+    #: value a tensor without state starts from.
+    _segment_state_names: dict[str, float] = {}
+    #: The key of a tensor's step count in higher's state dict (``None``: not kept).
+    _step_key: str | None = "step"
     _hyper_names: tuple[str, ...] = ()
+    #: How a hyperparameter is spelled in a param group, where that is not its name
+    #: (``beta1`` is ``betas[0]``); for error messages.
+    _hyper_keys: dict[str, str] = {}
     _optional_state: str = ""
     #: The op reads only whether a tensor's step count is 0 (SGD's momentum starts on
     #: the first step): the segment tables then carry min(step, 1), so every later step
@@ -414,40 +443,42 @@ class _FlatOptimizer(DifferentiableOptimizer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._buckets: list[Bucket] | None = None
         super().__init__(*args, **kwargs)
-        self._steps = [self._initial_step(st) for st in self._init_state]
+        n = self._num_params
+        self._steps: list[int] = [0] * n
+        #: Whether tensor i has state (higher keeps an empty dict until its first update).
+        self._has_state: list[bool] = [False] * n
+        #: The dtype of tensor i's step when it was a tensor (a torch optimizer's state).
+        self._step_dtype: list[torch.dtype | None] = [None] * n
+        self._where: list[tuple[int, int]] = []  # tensor i -> (bucket, position in it)
         self._flat_params: list[Tensor | None] = []
         self._flat_state: list[dict[str, Tensor]] = []
         self._last_params: list[Tensor | None] | None = None
+        #: Buckets (by id) whose state only this optimiser holds, made by its last
+        #: first-order step: the next one may update it in place.
+        self._private_state: set[int] = set()
+        #: Never update the state in place (loft.unroll's copy: checkpoints hold it).
+        self._keep_state = False
+        self._hyper_cache: dict[Any, tuple[dict[str, Tensor], Tensor]] = {}
+        self._elementwise_cache: dict[tuple[int, str], tuple[tuple[Any, ...], Tensor]] = {}
+
+    def _managed_state_keys(self) -> tuple[str, ...]:
+        step = (self._step_key,) if self._step_key else ()
+        return step + tuple(self._state_names) + tuple(self._segment_state_names)
 
     @property
     def state(self) -> list[dict[int, dict[str, Any]]]:
-        """higher's layout, ``state[group_index][index_in_group]``: views of the current
-        flat state buffers, and the tensor's step count."""
-        if self._buckets is None:
-            return self._state_before_first_step
-        where = {i: (k, j) for k, b in enumerate(self._buckets) for j, i in enumerate(b.indices)}
-        out: list[dict[int, dict[str, Any]]] = []
-        for mapping in self._group_to_param_list:
-            group_state: dict[int, dict[str, Any]] = {}
-            for j, i in enumerate(mapping):
-                k, pos = where[i]
-                b = self._buckets[k]
-                off, n = b.offsets[pos], b.numels[pos]
-                entry: dict[str, Any] = {"step": self._steps[i]}
-                for name, flat in self._flat_state[k].items():
-                    if flat.numel() == b.numel and flat.dim() == 1:
-                        entry[name] = flat[off:off + n].view(b.shapes[pos])
-                group_state[j] = entry
-            out.append(group_state)
-        return out
+        """higher's ``diffopt.state`` (see :class:`DifferentiableOptimizer`), kept in step
+        with the flat buffers: each value is a new tensor (not a view), differentiable
+        with respect to the inner loop while tracking higher-order gradients."""
+        if self._buckets is None or not _uses_flat_engine(type(self)):
+            return self._mirror.structure
+        return self._mirror.get(self._exported_entries)
 
     @state.setter
     def state(self, value: list[dict[int, dict[str, Any]]]) -> None:
-        self._state_before_first_step = value
+        self._mirror.set(value)
 
-    # subclass hooks
-    def _initial_step(self, state: dict[str, Any]) -> int:
-        return _as_int_step(state.get("step", 0))
+    # ---- subclass hooks ------------------------------------------------------------------
 
     def _group_hyper(self, group: dict[str, Any]) -> dict[str, Any]:
         raise NotImplementedError
@@ -456,78 +487,243 @@ class _FlatOptimizer(DifferentiableOptimizer):
         raise NotImplementedError
 
     def _call_op(self, params: Tensor, grads: Tensor, state: dict[str, Tensor], segments: Tensor,
-                 hyper: dict[str, Tensor], flags: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        raise NotImplementedError
+                 hyper: dict[str, Tensor], flags: Tensor,
+                 elementwise: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """One step over flat buffers as differentiable PyTorch (the fused optimisers: the
+        reference op, used where a hyperparameter the kernels read per group is given
+        per element)."""
+        spec = self._spec
+        assert spec is not None, f"{type(self).__name__} must implement _call_op"
+        per_element: dict[str, Any] = {}
+        if elementwise:
+            per_element = {"lr_elementwise": elementwise.get("lr"),
+                           "weight_decay_elementwise": elementwise.get("weight_decay"),
+                           "elementwise": {n: t for n, t in elementwise.items()
+                                           if n not in _KERNEL_ELEMENTWISE} or None}
+        outs = getattr(reference, spec.name)(
+            params, grads, *[state[n] for n in self._state_names], segments,
+            *[hyper[n] for n in self._hyper_names], flags, check=False, **per_element)
+        return outs[0], dict(zip(self._state_names, outs[1:]))
 
     def _needs_optional(self, flags: list[int]) -> bool:
         return False
 
-    # machinery
-    def _hyper_and_flags(self, b: Bucket, flags: list[int]) -> tuple[dict[str, Tensor], Tensor]:
-        """The ``[G]`` hyperparameter tensors and group flags of a bucket for this step.
+    def _unused_state(self, flags: list[int]) -> set[str]:
+        """The state buffers no group uses with these flags: kept with 0 elements."""
+        if self._optional_state and not self._needs_optional(flags):
+            return {self._optional_state}
+        return set()
 
-        Built anew whenever a group holds a tensor (it may require grad, and the graph
-        needs a fresh node per step); all-number settings are cached until they change.
+    def _read_entry(self, entry: dict[str, Any]) -> tuple[int, bool, torch.dtype | None,
+                                                          dict[str, Any]]:
+        """Tensor's higher-style state dict as ``(step count, has state, dtype of a tensor
+        step or None, state values by name)``; a missing value starts from its default."""
+        if not entry:
+            return 0, False, None, {}
+        step = entry.get(self._step_key, 0) if self._step_key else 0
+        names = (*self._state_names, *self._segment_state_names)
+        return (_as_int_step(step), True, step.dtype if isinstance(step, Tensor) else None,
+                {name: entry[name] for name in names if name in entry})
+
+    def _default_state(self, name: str, group: dict[str, Any], shape: torch.Size,
+                       b: Bucket) -> Tensor | None:
+        """The value of state buffer ``name`` for a tensor without one (``None``: zeros)."""
+        return None
+
+    # ---- higher's dicts <-> the flat state ---------------------------------------------------
+
+    def _sync_flat_state(self, params: list[Tensor]) -> None:
+        """Build the flat state at the first step; later, take over any change made to
+        ``self.state``'s dicts since the last step (they are the state in higher)."""
+        if self._buckets is None:
+            self._setup(params)
+        elif self._mirror.needs_import():
+            self._import_state()
+
+    def _setup(self, params: list[Tensor]) -> None:
+        self._buckets = make_buckets(params, self._group_of)
+        self._where = [(-1, -1)] * self._num_params
+        for k, b in enumerate(self._buckets):
+            for pos, i in enumerate(b.indices):
+                self._where[i] = (k, pos)
+        # No flat weights yet: the first step concatenates the weights it is given.
+        self._flat_params = [None] * len(self._buckets)
+        self._last_params = [None] * len(params)
+        self._import_state()
+
+    def _import_state(self) -> None:
+        """The flat state and step counts from higher's dicts (``self.state``): the torch
+        optimizer's state at the first step, the program's changes later. Differentiable:
+        a tensor the program put there carries its graph into the next step."""
+        assert self._buckets is not None
+        structure = self._mirror.structure
+        values: list[dict[str, Any]] = [{} for _ in range(self._num_params)]
+        for g, mapping in enumerate(self._group_to_param_list):
+            group_state = structure[g] if g < len(structure) else {}
+            for j, i in enumerate(mapping):
+                entry = group_state.get(j)  # .get: a defaultdict must not grow here
+                step, has_state, step_dtype, values[i] = self._read_entry(entry or {})
+                self._steps[i], self._has_state[i], self._step_dtype[i] = (
+                    step, has_state, step_dtype)
+        # An optional buffer has 0 elements unless a group needs it; an override that
+        # turns it on later allocates it (_flat_update, _math).
+        unused = self._unused_state([self._group_flags(g) for g in self.param_groups])
+        self._flat_state = []
+        for b in self._buckets:
+            state: dict[str, Tensor] = {}
+            for name in self._state_names:
+                if name in unused:
+                    state[name] = torch.empty(0, dtype=b.dtype, device=b.device)
+                    continue
+                state[name] = b.flatten([self._state_value(name, i, values[i].get(name), b, pos)
+                                         for pos, i in enumerate(b.indices)])
+            for name, default in self._segment_state_names.items():
+                ct = reference.compute_dtype(b.dtype)
+                parts = [_scalar_tensor(values[i].get(name, default), ct, b.device)
+                         for i in b.indices]
+                state[name] = torch.stack(parts) if parts else torch.empty(
+                    0, dtype=ct, device=b.device)
+            self._flat_state.append(state)
+        self._private_state.clear()
+        self._mirror.imported()
+
+    def _state_value(self, name: str, i: int, value: Any, b: Bucket, pos: int) -> Tensor | None:
+        """Tensor ``i``'s state ``name`` from its dict, shaped as the parameter."""
+        g, j = self._position[i]
+        shape = b.shapes[pos]
+        if value is None:
+            return self._default_state(name, self.param_groups[g], shape, b)
+        if not isinstance(value, Tensor):
+            if isinstance(value, (int, float)):
+                return torch.full(shape, float(value), dtype=b.dtype, device=b.device)
+            raise TypeError(f"diffopt.state[{g}][{j}][{name!r}] must be a tensor, got "
+                            f"{type(value).__name__}")
+        if not _broadcasts_to(value.shape, shape):
+            raise ValueError(f"diffopt.state[{g}][{j}][{name!r}] has shape {list(value.shape)}, "
+                             f"which does not broadcast to the parameter's shape {list(shape)}")
+        return value.to(device=b.device, dtype=b.dtype).broadcast_to(shape)
+
+    def _exported_entries(self) -> list[list[dict[str, Any]]]:
+        """Per group, per index: the tensor's state as higher keeps it, from the flat state.
+
+        New tensors (copies, not views: ``detach_()`` works on them as in higher),
+        differentiable with respect to the inner loop while tracking."""
+        grad_mode = torch.enable_grad() if self._track_higher_grads else torch.no_grad()
+        with grad_mode:
+            return [[self._exported_entry(i, self._unused_state([self._group_flags(group)]))
+                     for i in mapping]
+                    for group, mapping in zip(self.param_groups, self._group_to_param_list)]
+
+    def _exported_entry(self, i: int, unused: set[str]) -> dict[str, Any]:
+        """Tensor ``i``'s entry (:meth:`_exported_entries`); ``unused``: the buffers its
+        group does not use (a bucket keeps one for all groups)."""
+        if not self._has_state[i]:
+            return {}
+        assert self._buckets is not None
+        k, pos = self._where[i]
+        b, flat_state = self._buckets[k], self._flat_state[k]
+        entry: dict[str, Any] = {}
+        if self._step_key:
+            dtype = self._step_dtype[i]
+            entry[self._step_key] = self._steps[i] if dtype is None else torch.tensor(
+                float(self._steps[i]), dtype=dtype)
+        off, n, shape = b.offsets[pos], b.numels[pos], b.shapes[pos]
+        for name in self._state_names:
+            flat = flat_state[name]
+            if flat.numel() == b.numel and name not in unused:
+                entry[name] = flat[off:off + n].view(shape).clone()
+        for name in self._segment_state_names:
+            entry[name] = flat_state[name][pos].clone()
+        return entry
+
+    # ---- hyperparameters ----------------------------------------------------------------------
+
+    def _hyper_and_flags(self, b: Bucket, flags: list[int]
+                         ) -> tuple[dict[str, Tensor], Tensor, dict[str, Tensor]]:
+        """The ``[G]`` hyperparameter tensors, the group flags and the ``[N]`` per-element
+        hyperparameters (where a group holds a tensor shaped like its parameters) of a
+        bucket for this step.
+
+        ``[G]`` tensors are built anew whenever a group holds a tensor (it may require
+        grad); all-number settings are cached until they change.
         """
         per_group = [self._group_hyper(g) for g in self.param_groups]
         values = {name: [h[name] for h in per_group] for name in self._hyper_names}
         numbers = not any(isinstance(v, Tensor) for vs in values.values() for v in vs)
         key = (b.device, b.dtype, tuple(flags),
                tuple(tuple(vs) for vs in values.values())) if numbers else None
-        cache = self.__dict__.setdefault("_hyper_cache", {})
-        if key is not None and key in cache:
-            return cache[key]
+        if key is not None and key in self._hyper_cache:
+            return (*self._hyper_cache[key], {})
         hdt = reference.compute_dtype(b.dtype)
-        hyper = {name: hyper_tensor(vs, hdt, b.device) for name, vs in values.items()}
-        result = (hyper, torch.tensor(flags, dtype=torch.int64, device=b.device))
+        per_element = [name for name, vs in values.items() if any(map(_is_per_element, vs))]
+        hyper = {name: hyper_tensor([0.0 if _is_per_element(v) else v for v in vs], hdt,
+                                    b.device) for name, vs in values.items()}
+        flag_tensor = torch.tensor(flags, dtype=torch.int64, device=b.device)
         if key is not None:
-            cache.clear()
-            cache[key] = result
-        return result
+            self._hyper_cache.clear()
+            self._hyper_cache[key] = (hyper, flag_tensor)
+        return hyper, flag_tensor, {name: self._elementwise(b, name, values[name], hdt)
+                                    for name in per_element}
 
-    def _setup(self, params: list[Tensor]) -> None:
-        self._buckets = make_buckets(params, self._group_of)
-        # No flat weights yet: the first step concatenates the weights it is given.
-        self._flat_params = [None] * len(self._buckets)
-        self._last_params = [None] * len(params)
-        # The optional buffer (``_optional_state``) starts with 0 elements unless a group
-        # needs it; a later override that turns it on allocates it in _flat_update.
-        skip_optional = bool(self._optional_state) and not self._needs_optional(
-            [self._group_flags(g) for g in self.param_groups])
-        self._flat_state = []
-        for b in self._buckets:
-            state = {}
-            for name in self._state_names:
-                if skip_optional and name == self._optional_state:
-                    state[name] = torch.empty(0, dtype=b.dtype, device=b.device)
-                else:
-                    state[name] = b.flatten([self._init_state[i].get(name) for i in b.indices])
-            self._flat_state.append(state)
+    def _elementwise(self, b: Bucket, name: str, group_values: list[Any],
+                     dtype: torch.dtype) -> Tensor:
+        """Hyperparameter ``name`` of every element of bucket ``b`` ([N]): a group's
+        per-element tensor broadcast to each of its parameters, a group's number
+        repeated. Kept while its tensors are unchanged (the same objects and versions):
+        one node of the graph then serves every step."""
+        key = (torch.is_grad_enabled(),) + tuple(
+            (v, v._version) if isinstance(v, Tensor) else (v, None) for v in group_values)
+        cached = self._elementwise_cache.get((id(b), name))
+        if cached is not None and cached[0][0] == key[0] and len(cached[0]) == len(key) and all(
+                a[0] is c[0] and a[1] == c[1] for a, c in zip(key[1:], cached[0][1:])):
+            return cached[1]
+        parts = []
+        for pos, i in enumerate(b.indices):
+            g, j = self._position[i]
+            v, shape = group_values[g], b.shapes[pos]
+            if _is_per_element(v):
+                _check_broadcast(f"param_groups[{g}][{self._hyper_key(name)!r}]", j, v, shape)
+                parts.append(v.to(device=b.device, dtype=dtype).broadcast_to(shape).reshape(-1))
+            else:
+                scalar = v if isinstance(v, Tensor) else torch.tensor(float(v))
+                parts.append(scalar.to(device=b.device, dtype=dtype).reshape(1).expand(
+                    b.numels[pos]))
+        flat = torch.cat(parts) if parts else torch.empty(0, dtype=dtype, device=b.device)
+        self._elementwise_cache[(id(b), name)] = (key, flat)
+        return flat
+
+    def _hyper_key(self, name: str) -> str:
+        return self._hyper_keys.get(name, name)
+
+    # ---- the flat engine ---------------------------------------------------------------------
 
     def _flat_update(self, params: list[Tensor], grads: list[Tensor | None]) -> list[Tensor]:
-        if not self._fused_update():
-            # A subclass written for higher: its own per-tensor _update wins.
+        if not _uses_flat_engine(type(self)):
+            # A subclass written for higher: the per-tensor _update, as higher runs it.
             return DifferentiableOptimizer._flat_update(self, params, grads)
-        if self._buckets is None:
-            self._setup(params)
-        assert self._buckets is not None and self._last_params is not None
         # (step() has checked the shapes against the reference parameters.)
         flags = [self._group_flags(g) for g in self.param_groups]
         new_params = list(params)
         grad_mode = torch.enable_grad() if self._track_higher_grads else torch.no_grad()
         with grad_mode:
+            self._sync_flat_state(params)
+            assert self._buckets is not None and self._last_params is not None
             for k, b in enumerate(self._buckets):
                 active = [grads[i] is not None for i in b.indices]
                 if not any(active):
                     continue
                 # The last step's flat buffer, when the fast weights are still its views.
                 intact = all(params[i] is self._last_params[i] for i in b.indices)
-                hyper, flag_tensor = self._hyper_and_flags(b, flags)
+                hyper, flag_tensor, elementwise = self._hyper_and_flags(b, flags)
                 state = self._flat_state[k]
                 if self._optional_state and state[self._optional_state].numel() == 0 and \
                         self._needs_optional(flags) and b.numel > 0:
                     state[self._optional_state] = torch.zeros(b.numel, dtype=b.dtype,
                                                               device=b.device)
+                    if self._first_step_only:
+                        # SGD: a tensor without a momentum buffer starts it (b' = g2).
+                        for i in b.indices:
+                            self._steps[i] = 0
                 if self._first_step_only:
                     steps = [min(self._steps[i], 1) for i in b.indices]
                 else:
@@ -535,7 +731,8 @@ class _FlatOptimizer(DifferentiableOptimizer):
                 segments = b.segments(steps, active)
                 views, state_new = self._step_bucket(
                     b, self._flat_params[k] if intact else None, [params[i] for i in b.indices],
-                    [grads[i] for i in b.indices], state, segments, hyper, flag_tensor)
+                    [grads[i] for i in b.indices], state, segments, hyper, flag_tensor,
+                    elementwise)
                 base = views[0]._base
                 assert base is not None and base.numel() == b.numel, "views of one flat buffer"
                 if not self._track_higher_grads:
@@ -547,6 +744,7 @@ class _FlatOptimizer(DifferentiableOptimizer):
                 for j, i in enumerate(b.indices):
                     if active[j]:
                         self._steps[i] += 1
+                        self._has_state[i] = True
                     # Every tensor of the bucket becomes a view of the new buffer (an
                     # inactive one passes through unchanged); a frozen one stays frozen.
                     view = views[j]
@@ -564,16 +762,22 @@ class _FlatOptimizer(DifferentiableOptimizer):
                         new_params[i] = new_params[i].detach().requires_grad_(
                             new_params[i].requires_grad)
         self._last_params = list(new_params)
+        self._mirror.advanced(self._exported_entries)
         return new_params
 
-    def _fused_update(self) -> bool:
-        return type(self)._update is DifferentiableOptimizer._update
+    def _returns_own_views(self) -> bool:
+        return _uses_flat_engine(type(self))
+
+    def _reads_fixed_keys(self) -> bool:
+        return _uses_flat_engine(type(self))
 
     def _detach_params(self, params: list[Tensor]) -> list[Tensor]:
-        if self._buckets is None or not self._fused_update():
+        if self._buckets is None or not _uses_flat_engine(type(self)):
             return super()._detach_params(params)
+        if self._mirror.needs_import():
+            self._import_state()
         new_params = [p.detach().requires_grad_(p.requires_grad) for p in params]
-        self.__dict__.setdefault("_private_state", set()).clear()
+        self._private_state.clear()
         for k, b in enumerate(self._buckets):
             self._flat_state[k] = {n: t.detach() for n, t in self._flat_state[k].items()}
             base = self._flat_params[k]
@@ -584,46 +788,200 @@ class _FlatOptimizer(DifferentiableOptimizer):
             self._flat_params[k] = base
             for view, i in zip(b.plain_views(base), b.indices):
                 new_params[i] = view.requires_grad_(params[i].requires_grad)
+        self._mirror.advanced(self._exported_entries)
         return new_params
 
     def _step_bucket(self, b: Bucket, base: Tensor | None, views: list[Tensor],
                      grads: list[Tensor | None], state: dict[str, Tensor], segments: Tensor,
-                     hyper: dict[str, Tensor],
-                     flags: Tensor) -> tuple[list[Tensor], dict[str, Tensor]]:
+                     hyper: dict[str, Tensor], flags: Tensor,
+                     elementwise: dict[str, Tensor]) -> tuple[list[Tensor], dict[str, Tensor]]:
         """One step over bucket ``b``: the new weights as views of one flat buffer, and the
         new state. ``base`` is the flat buffer ``views`` are intact views of, or ``None``.
 
         The fused optimisers (``_spec`` set) make one autograd node of it
-        (:func:`loft._step.bucket_step`); the others flatten, call :meth:`_call_op` on
-        the flat buffers, and split.
+        (:func:`loft._step.bucket_step`), with per-element ``lr`` and ``weight_decay``
+        read by the kernels; the others, and the fused ones given another hyperparameter
+        per element, flatten, call :meth:`_call_op` on the flat buffers, and split.
         """
         spec = self._spec
-        private = self.__dict__.setdefault("_private_state", set())
         k = id(b)
-        if spec is not None and self._first_order and _constant_shift(grads, state, hyper):
+        fused = spec is not None and all(n in _KERNEL_ELEMENTWISE for n in elementwise)
+        kernel_elementwise = _kernel_elementwise(elementwise, hyper)
+        if fused and self._first_order and _constant_shift(grads, state, hyper, elementwise):
             # First order, nothing that needs a gradient enters the update but the weights:
             # p' = p - delta with delta constant. Compute it without a graph and record
             # one pass-through node (it saves nothing, so the state can be freed). When
             # this optimiser alone holds the state (made by its last such step, no view
             # or other reference to it since), the kernel updates it in place.
-            in_place = k in private and not self.__dict__.get("_keep_state") and all(
+            in_place = k in self._private_state and not self._keep_state and all(
                 _sole_reference(t) for t in state.values())
             new_views, new_state = shift_step(
                 spec, b, base, views, grads, [state[n] for n in self._state_names],
-                [hyper[n] for n in self._hyper_names], segments, flags, in_place)
-            private.add(k)
+                [hyper[n] for n in self._hyper_names], segments, flags, in_place,
+                **kernel_elementwise)
+            self._private_state.add(k)
             return new_views, dict(zip(self._state_names, new_state))
-        private.discard(k)
-        if spec is not None:
+        self._private_state.discard(k)
+        if fused:
             new_views, new_state = bucket_step(
                 spec, b, base, views, grads, [state[n] for n in self._state_names],
-                [hyper[n] for n in self._hyper_names], segments, flags)
+                [hyper[n] for n in self._hyper_names], segments, flags, **kernel_elementwise)
             return new_views, dict(zip(self._state_names, new_state))
         # Flatten the views themselves (not ``base``), so that gradients with respect to
         # the weights at any recorded step include the path through this update.
         p_new, state_new = self._call_op(b.flatten(views), b.flatten(grads), state, segments,
-                                         hyper, flags)
+                                         hyper, flags, elementwise)
         return b.views(p_new), state_new
+
+    # ---- higher's per-tensor update ------------------------------------------------------------
+
+    def _update(self, grouped_grads: list[list[Tensor | None]], **kwargs: Any) -> None:
+        """higher's per-tensor ``_update``: for every tensor with a gradient, one step of
+        the same math (loft's reference) on that tensor alone, replacing
+        ``param_groups[g]['params'][j]`` and the entries of ``state[g][j]``.
+
+        Runs when a subclass overrides ``step`` or ``_update`` (and calls this one);
+        loft's own classes run the flat engine instead.
+        """
+        structure = self._mirror.structure
+        grad_mode = torch.enable_grad() if self._track_higher_grads else torch.no_grad()
+        with grad_mode:
+            for g, (group, grads) in enumerate(zip(self.param_groups, grouped_grads)):
+                for j, (p, grad) in enumerate(zip(group["params"], grads)):
+                    if grad is None:
+                        continue
+                    group["params"][j] = self._tensor_step(g, j, p, grad, structure[g])
+
+    def _tensor_step(self, g: int, j: int, p: Tensor, grad: Tensor,
+                     group_state: dict[int, dict[str, Any]]) -> Tensor:
+        """One update of one tensor (:meth:`_update`); writes its state dict."""
+        group = self.param_groups[g]
+        b = Bucket(p.device, p.dtype, [0], [p.shape], [0])
+        entry = group_state.get(j, {})  # .get: higher makes no dict for a stateless update
+        step, _, step_dtype, values = self._read_entry(entry)
+        flags = [self._group_flags(group)]
+        unused = self._unused_state(flags)
+        state: dict[str, Tensor] = {}
+        for name in self._state_names:
+            if name in unused and name not in values:
+                state[name] = torch.empty(0, dtype=b.dtype, device=b.device)
+            else:
+                value = values.get(name)
+                if value is None:
+                    value = self._default_state(name, group, p.shape, b)
+                elif not isinstance(value, Tensor):
+                    value = torch.full(p.shape, float(value), dtype=p.dtype, device=p.device)
+                state[name] = b.flatten([value])
+        ct = reference.compute_dtype(b.dtype)
+        for name, default in self._segment_state_names.items():
+            state[name] = _scalar_tensor(values.get(name, default), ct, b.device).reshape(1)
+        hyper, flag_tensor, elementwise = self._hyper_and_flags_of(b, g, j, flags)
+        op_step = min(step, 1) if self._first_step_only else step
+        segments = torch.tensor([[0, b.numel, 0, op_step, 1]], dtype=torch.int64,
+                                device=b.device)
+        p_new, state_new = self._call_op(p.reshape(-1), grad.reshape(-1), state, segments,
+                                         hyper, flag_tensor, elementwise)
+        self._write_entry(entry, step + 1, step_dtype, state_new, p.shape, unused)
+        if entry and j not in group_state:
+            group_state[j] = entry
+        return p_new.view(p.shape)
+
+    def _hyper_and_flags_of(self, b: Bucket, g: int, j: int, flags: list[int]
+                            ) -> tuple[dict[str, Tensor], Tensor, dict[str, Tensor]]:
+        """:meth:`_hyper_and_flags` for tensor ``j`` of group ``g`` alone (a one-tensor,
+        one-group bucket)."""
+        values = self._group_hyper(self.param_groups[g])
+        hdt = reference.compute_dtype(b.dtype)
+        hyper, elementwise = {}, {}
+        for name in self._hyper_names:
+            v = values[name]
+            if _is_per_element(v):
+                _check_broadcast(f"param_groups[{g}][{self._hyper_key(name)!r}]", j, v,
+                                 b.shapes[0])
+                elementwise[name] = v.to(device=b.device, dtype=hdt).broadcast_to(
+                    b.shapes[0]).reshape(-1)
+                v = 0.0
+            hyper[name] = hyper_tensor([v], hdt, b.device)
+        return hyper, torch.tensor(flags, dtype=torch.int64, device=b.device), elementwise
+
+    def _write_entry(self, entry: dict[str, Any], step: int, step_dtype: torch.dtype | None,
+                     state: dict[str, Tensor], shape: torch.Size, unused: set[str]) -> None:
+        """Write a tensor's new state into its higher-style dict (new tensors, not views;
+        ``unused``: the buffers its group does not use)."""
+        if self._step_key:
+            entry[self._step_key] = step if step_dtype is None else torch.tensor(
+                float(step), dtype=step_dtype)
+        for name in self._state_names:
+            value = state[name]
+            if value.numel() == shape.numel() and name not in unused:
+                entry[name] = value.reshape(shape).clone()
+        for name in self._segment_state_names:
+            entry[name] = state[name].reshape(()).clone()
+
+
+#: The hyperparameters the fused kernels take per element (others: the reference path).
+_KERNEL_ELEMENTWISE = ("lr", "weight_decay")
+
+_FLAT_ENGINE_CACHE: dict[type, bool] = {}
+
+
+def _uses_flat_engine(cls: type) -> bool:
+    """Whether ``cls`` runs loft's flat engine: the classes that define its ``step`` and
+    ``_update`` are loft's own (a subclass written for higher overrides one of them and
+    gets higher's per-tensor path)."""
+    known = _FLAT_ENGINE_CACHE.get(cls)
+    if known is None:
+        def owner(name: str) -> type:
+            return next(c for c in cls.__mro__ if name in vars(c))
+        known = all(owner(name).__module__.split(".")[0] == "loft" for name in ("step", "_update"))
+        _FLAT_ENGINE_CACHE[cls] = known
+    return known
+
+
+def _is_per_element(value: Any) -> bool:
+    """A hyperparameter given per element: a tensor of more than one value."""
+    return isinstance(value, Tensor) and value.numel() != 1
+
+
+def _broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
+    """Whether a tensor of ``shape`` broadcasts to ``target`` (and only to it)."""
+    try:
+        return torch.broadcast_shapes(shape, target) == target
+    except RuntimeError:
+        return False
+
+
+def _check_broadcast(where: str, index: int, value: Tensor, shape: torch.Size) -> None:
+    """A per-element hyperparameter (``where``: its key and group) must broadcast to the
+    shape of each parameter of its group (parameter ``index`` has ``shape``)."""
+    if not _broadcasts_to(value.shape, shape):
+        raise ValueError(
+            f"{where} has shape {list(value.shape)}, which does not broadcast to the shape "
+            f"{list(shape)} of parameter {index} of that group: a hyperparameter is a "
+            "number, a one-element tensor or a tensor broadcastable to each parameter of "
+            "its group")
+
+
+def _nonzero(value: Any) -> bool:
+    """Whether a hyperparameter that switches a mode on (momentum) is nonzero anywhere."""
+    return bool((value != 0).any()) if isinstance(value, Tensor) else value != 0
+
+
+def _scalar_tensor(value: Any, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A per-tensor state value (a number or a one-element tensor) as a 0-d tensor."""
+    if isinstance(value, Tensor):
+        return value.reshape(()).to(device=device, dtype=dtype)
+    return torch.tensor(float(value), dtype=dtype, device=device)
+
+
+def _kernel_elementwise(elementwise: dict[str, Tensor],
+                        hyper: dict[str, Tensor]) -> dict[str, Any]:
+    """The fused step's ``elementwise=`` argument (lr and weight decay per element, a
+    0-element tensor for one given per group); nothing when neither is per element."""
+    if not elementwise:
+        return {}
+    empty = hyper["lr"].new_empty(0)
+    return {"elementwise": (elementwise.get("lr", empty), elementwise.get("weight_decay", empty))}
 
 
 def _sole_reference(t: Tensor) -> bool:
@@ -640,16 +998,16 @@ def _sole_reference(t: Tensor) -> bool:
 
 
 def _constant_shift(grads: list[Tensor | None], state: dict[str, Tensor],
-                    hyper: dict[str, Tensor]) -> bool:
+                    hyper: dict[str, Tensor], elementwise: dict[str, Tensor]) -> bool:
     """Whether a fused SGD/Adam(W) update is ``p - delta`` with ``delta`` independent of
     anything that requires grad: constant gradients (first order), state and
     hyperparameters, and no weight decay (which would tie ``delta`` or a scale to ``p``)."""
     if any(g is not None and g.requires_grad for g in grads):
         return False
-    if any(t.requires_grad for t in state.values()) or \
-            any(h.requires_grad for h in hyper.values()):
+    if any(t.requires_grad for t in (*state.values(), *hyper.values(), *elementwise.values())):
         return False
-    return not bool(hyper["weight_decay"].any())
+    decay = elementwise.get("weight_decay", hyper["weight_decay"])
+    return not bool(decay.any())
 
 
 class DifferentiableSGD(_FlatOptimizer):
@@ -662,14 +1020,23 @@ class DifferentiableSGD(_FlatOptimizer):
     """
 
     _state_names = ("momentum_buffer",)
+    _step_key = None  # torch.optim.SGD and higher keep no step count
     _hyper_names = ops.SGD_HYPER
     _spec = ops._SGD
     _optional_state = "momentum_buffer"
     _first_step_only = True
 
-    def _initial_step(self, state: dict[str, Any]) -> int:
-        # torch.optim.SGD keeps no step count: a momentum buffer means "not the first step".
-        return 1 if state.get("momentum_buffer") is not None else 0
+    def _read_entry(self, entry: dict[str, Any]) -> tuple[int, bool, torch.dtype | None,
+                                                          dict[str, Any]]:
+        # A momentum buffer means "not the first step" (as in torch.optim and higher).
+        buffer = entry.get("momentum_buffer") if entry else None
+        if buffer is None:
+            return 0, False, None, {}
+        return 1, True, None, {"momentum_buffer": buffer}
+
+    def _exported_entry(self, i: int, unused: set[str]) -> dict[str, Any]:
+        # No momentum buffer before a tensor's first momentum step.
+        return super()._exported_entry(i, unused) if self._steps[i] > 0 else {}
 
     def _export_state(self, entry: dict[str, Any]) -> dict[str, Any] | None:
         exported = super()._export_state(entry)
@@ -691,13 +1058,12 @@ class DifferentiableSGD(_FlatOptimizer):
             flags |= reference.SGD_MAXIMIZE
         if group.get("nesterov", False):
             flags |= reference.SGD_NESTEROV
-        if bool(group.get("momentum", 0.0) != 0):
+        if _nonzero(group.get("momentum", 0.0)):
             flags |= reference.SGD_MOMENTUM
         return flags
 
     def _needs_optional(self, flags: list[int]) -> bool:
         return any(f & reference.SGD_MOMENTUM for f in flags)
-
 
 
 class DifferentiableAdam(_FlatOptimizer):
@@ -713,6 +1079,7 @@ class DifferentiableAdam(_FlatOptimizer):
 
     _state_names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
     _hyper_names = ops.ADAM_HYPER
+    _hyper_keys = {"beta1": "betas[0]", "beta2": "betas[1]"}
     _spec = ops._ADAM
     _optional_state = "max_exp_avg_sq"
     _decoupled = False
@@ -738,7 +1105,6 @@ class DifferentiableAdam(_FlatOptimizer):
 
     def _needs_optional(self, flags: list[int]) -> bool:
         return any(f & reference.ADAM_AMSGRAD for f in flags)
-
 
 
 class DifferentiableAdamW(DifferentiableAdam):

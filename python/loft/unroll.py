@@ -21,7 +21,8 @@ import torch
 from torch import Tensor
 
 from loft import utils as _utils
-from loft.optim import DifferentiableOptimizer, _FlatOptimizer
+from loft._higher_state import StateMirror, new_structure
+from loft.optim import DifferentiableOptimizer, _FlatOptimizer, _uses_flat_engine
 from loft.patch import FunctionalModule
 
 __all__ = ["unroll"]
@@ -80,8 +81,7 @@ def unroll(fmodel: FunctionalModule, diffopt: DifferentiableOptimizer, loss_fn: 
                 f"unroll: with checkpoint_every, batches must be a sequence (len() and "
                 f"indexing) so that the meta-backward can replay each segment; got a "
                 f"{type(batches).__name__}, which cannot be replayed. Pass list(batches).")
-        if not isinstance(diffopt, _FlatOptimizer) or \
-                type(diffopt)._update is not DifferentiableOptimizer._update:
+        if not isinstance(diffopt, _FlatOptimizer) or not _uses_flat_engine(type(diffopt)):
             raise TypeError(f"unroll: checkpointing needs one of loft's own optimizers; "
                             f"{type(diffopt).__name__} updates per tensor")
     if not checkpointed:
@@ -95,8 +95,8 @@ def unroll(fmodel: FunctionalModule, diffopt: DifferentiableOptimizer, loss_fn: 
     steps = len(batches)  # type: ignore[arg-type]
     if steps == 0:
         return []
-    if diffopt._buckets is None:
-        diffopt._setup(list(fmodel.fast_params))
+    with torch.enable_grad():
+        diffopt._sync_flat_state(list(fmodel.fast_params))
     runner = _Runner(*_private_copies(fmodel, diffopt), loss_fn, batches)  # type: ignore[arg-type]
     return runner.run(fmodel, diffopt, checkpoint_every)
 
@@ -122,11 +122,16 @@ def _private_copies(fmodel: FunctionalModule,
     d._flat_state = [dict(state) for state in diffopt._flat_state]
     # The checkpoints keep references to the state: never update it in place. Its own
     # (empty) record of privately held state, not a share of diffopt's set.
-    d.__dict__["_keep_state"] = True
-    d.__dict__["_private_state"] = set()
+    d._keep_state = True
+    d._private_state = set()
     d._steps = list(diffopt._steps)
+    d._has_state = list(diffopt._has_state)
     d._last_params = list(diffopt._last_params)
-    d.__dict__["_hyper_cache"] = {}
+    d._hyper_cache = {}
+    d._elementwise_cache = {}
+    # Its own mirror of higher's state dicts (nobody reads them), following its flat state.
+    d._mirror = StateMirror(new_structure(len(d.param_groups)), d._managed_state_keys(),
+                            flat_is_current=True)
     return f, d
 
 
@@ -284,11 +289,13 @@ class _Runner:
             times.append(t0 + stop)
         fmodel._replace_history(times, history)
         diffopt._last_params = list(history[-1])
-        diffopt.__dict__["_private_state"] = set()  # the graph may hold this state
+        diffopt._private_state = set()  # the graph may hold this state
         diffopt._flat_params = list(flats[:nb])
         diffopt._flat_state = [{name: flats[nb + kk * len(names) + j]
                                 for j, name in enumerate(names)} for kk in range(nb)]
         diffopt._steps = list(d._steps)
+        diffopt._has_state = list(d._has_state)
+        diffopt._mirror.advanced(diffopt._exported_entries)
         return self.losses
 
 
