@@ -22,6 +22,19 @@ from torch import Tensor
 from loft import ops, reference
 from loft import utils as _utils
 from loft._higher_state import StateMirror, new_structure
+from loft._optim_compat import (  # noqa: F401 - higher.optim's names, for its users
+    _add,
+    _addcdiv,
+    _addcmul,
+    _get_mask_closure,
+    _GradCallbackType,
+    _GradClosureType,
+    _GroupedGradsType,
+    _maybe_mask,
+    _OverrideType,
+    _recursive_apply,
+    _StateType,
+)
 from loft._step import bucket_step, shift_step
 from loft.flat import Bucket, hyper_tensor, make_buckets
 
@@ -1124,7 +1137,8 @@ from loft._optim_extra import (  # noqa: E402 - they subclass _FlatOptimizer abo
     DifferentiableRprop,
 )
 
-_OPT_MAPPING: dict[type, type[DifferentiableOptimizer]] = {
+_OptMappingType = dict[type, type[DifferentiableOptimizer]]
+_OPT_MAPPING: _OptMappingType = {
     torch.optim.SGD: DifferentiableSGD,
     torch.optim.Adam: DifferentiableAdam,
     torch.optim.AdamW: DifferentiableAdamW,
@@ -1135,6 +1149,10 @@ _OPT_MAPPING: dict[type, type[DifferentiableOptimizer]] = {
     torch.optim.RMSprop: DifferentiableRMSprop,
     torch.optim.Rprop: DifferentiableRprop,
 }
+
+
+#: higher's name for the registry (the same dict).
+_opt_mapping = _OPT_MAPPING
 
 
 def register_optim(optim_type: type, diff_optim_type: type[DifferentiableOptimizer]) -> None:
@@ -1181,7 +1199,7 @@ def get_diff_optim(
 def create_diff_optim(
     opt_type: type,
     opt_kwargs: dict[str, Any] | None = None,
-    params: Iterable[Tensor] | None = None,
+    params: Iterable[Tensor] | Iterable[dict[str, Any]] | None = None,
     fmodel: Any = None,
     device: torch.device | str | None = None,
     override: _Override | None = None,
@@ -1191,7 +1209,9 @@ def create_diff_optim(
     """Build a differentiable optimiser of ``opt_type`` directly (higher's ``create_diff_optim``).
 
     The optimiser is constructed on placeholder tensors shaped like ``params`` (or
-    ``fmodel``'s parameters) with ``opt_kwargs``.
+    ``fmodel``'s parameters) with ``opt_kwargs``; ``params`` may also be param groups
+    (dicts with the tensors under ``"params"`` and per-group settings), as a torch
+    optimizer takes them.
     """
     opt_kwargs = {} if opt_kwargs is None else opt_kwargs
     if params is not None:
@@ -1200,8 +1220,20 @@ def create_diff_optim(
         params = list(fmodel.parameters())
     else:
         raise ValueError("Must specify one of fmodel or params in kwargs.")
-    dummies = [torch.zeros_like(p, requires_grad=True) for p in params]
-    opt = opt_type(dummies, **opt_kwargs)
+
+    def placeholders(tensors: Any) -> list[Tensor]:
+        tensors = [tensors] if isinstance(tensors, Tensor) else list(tensors)
+        return [torch.zeros_like(p, requires_grad=True) for p in tensors]
+
+    if params and isinstance(params[0], dict):
+        # Param groups, as a torch optimizer takes them: each group's tensors get
+        # placeholders, and the fast weights follow the groups' order.
+        groups = [{**group, "params": placeholders(group["params"])} for group in params]
+        dummies = [p for group in groups for p in group["params"]]
+        opt = opt_type(groups, **opt_kwargs)
+    else:
+        dummies = placeholders(params)
+        opt = opt_type(dummies, **opt_kwargs)
     return get_diff_optim(opt, dummies, fmodel=fmodel, device=device, override=override,
                           track_higher_grads=track_higher_grads, **kwargs)
 
