@@ -208,10 +208,13 @@ def test_override_values_are_checked() -> None:
         loft.get_diff_optim(adam, params, override={"betas": [0.9]})
     with pytest.raises(ValueError, match=r"override\['betas'\] values must be tuples of 2"):
         loft.get_diff_optim(adam, params, override={"betas": [(0.9, 0.99, 0.5)]})
-    with pytest.raises(ValueError, match=r"override\['lr'\]: a tensor value must hold one "
-                                         r"element, got shape \[2\]"):
+    # A tensor hyperparameter holds one value or broadcasts to each parameter of its
+    # group (per element, as higher computes): [2] fits none of [5, 4], [5], [3, 5], [3].
+    with pytest.raises(ValueError, match=r"override\['lr'\] for param group 0 has shape "
+                                         r"\[2\].*shape \[5, 4\] of parameter 0"):
         loft.get_diff_optim(sgd, params, override={"lr": [torch.tensor([0.1, 0.2])]})
-    with pytest.raises(ValueError, match=r"override\['betas'\]: a tensor value must hold one"):
+    with pytest.raises(ValueError, match=r"override\['betas\[0\]'\] for param group 0 has "
+                                         r"shape \[2\]"):
         loft.get_diff_optim(adam, params, override={"betas": [(torch.ones(2), 0.9)]})
     # Well-formed values pass: a pair of tensors, a 2-element tensor for betas, per group.
     b = torch.tensor(0.9, requires_grad=True)
