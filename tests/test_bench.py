@@ -6,9 +6,18 @@ import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
+from typing import Any, NoReturn
 
 import pytest
+
+import loft.bench.__main__ as bench_cli
+import loft.bench.long as bench_long
+import loft.bench.plotting as bench_plotting
+from loft.bench.long import LongResult
+from loft.bench.plotting import PlotError
+from loft.bench.suite import SuiteResult
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,3 +91,129 @@ def test_fork_server_runs_each_measurement_in_a_fresh_process() -> None:
     assert fused["loft_backend"] == "fused" and reference["loft_backend"] == "reference"
     assert len({fused["pid"], reference["pid"], server_pid, os.getpid()}) == 4
     assert "error" in bad and "mode must be one of" in bad["error"], bad
+
+
+# ---- optional dependencies and the plot: in this process, nothing measured ------------
+
+
+def _no_measuring(*args: Any, **kwargs: Any) -> NoReturn:
+    pytest.fail("the suite started measuring")
+
+
+def _suite_result() -> SuiteResult:
+    """A made-up result of one loft measurement and one failed one (no worker runs)."""
+    meta = {"threads": 1, "device": "cpu", "torch": "x", "command": "python -m loft.bench"}
+    ok = {"workload": {"model": "A", "optimizer": "adam", "steps": 2}, "implementation": "loft",
+          "inner_s": 0.01, "meta_backward_s": 0.02, "saved_bytes": 4000,
+          "peak_mem_growth_bytes": 8000, "nodes_per_step": 3.0}
+    failed = {"workload": {"model": "A", "optimizer": "adam", "steps": 2},
+              "implementation": "per-tensor", "error": "worker exited with 1: boom"}
+    return SuiteResult(meta, [ok, failed])
+
+
+def _long_result() -> LongResult:
+    """A made-up ``--long`` result: one record per mode at T = 20."""
+    records = [{"mode": mode, "steps": 20, "repeat": 0, "inner_s": 0.1, "query_s": 0.01,
+                "meta_backward_s": 0.2, "total_s": 0.31, "peak_rss_growth_bytes": 1e6}
+               for mode in bench_long.LONG_MODES]
+    return LongResult({"threads": 1, "torch": "x"}, records)
+
+
+@pytest.mark.parametrize("argv,needed", [
+    (["--quick"], ["higher", "matplotlib", "tqdm"]),
+    (["--implementations", "loft,per-tensor", "--no-progress"], ["matplotlib"]),
+    (["--implementations", "loft", "higher", "--no-plot", "--no-progress"], ["higher"]),
+    (["--long", "--quick"], ["matplotlib", "tqdm"]),
+    (["--long", "--no-plot", "--no-progress"], []),
+])
+def test_needed_modules_follow_the_options(argv: list[str], needed: list[str]) -> None:
+    assert bench_cli.needed_modules(bench_cli.parse_args(argv)) == needed
+
+
+@pytest.mark.parametrize("long", [False, True], ids=["suite", "long"])
+def test_missing_dependencies_stop_before_measuring(
+        long: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A missing higher or matplotlib (``sys.modules[name] = None`` makes its import fail)
+    exits with status 2 and one message naming each and the install command, before any
+    measurement and with no file written."""
+    monkeypatch.setitem(sys.modules, "higher", None)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setattr(bench_cli, "run_suite", _no_measuring)
+    monkeypatch.setattr(bench_long, "run_long_suite", _no_measuring)
+    out = tmp_path / "out"
+    argv = ["--quick", "--no-progress", "--out", str(out)] + (["--long"] if long else [])
+    assert bench_cli.main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    first = captured.err.splitlines()[0]
+    expected = "matplotlib" if long else "higher, matplotlib"
+    assert first == f"loft.bench: missing optional dependencies: {expected}.", captured.err
+    assert "pip install 'loft[bench]'" in captured.err
+    assert "pip install '.[bench]'" in captured.err
+    assert "--no-plot" in captured.err
+    assert ("higher" in captured.err) is not long  # --long never measures higher
+    assert not out.exists()
+
+
+def test_present_dependencies_let_the_suite_run(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With every needed module importable (stand-ins here), the suite runs and saves."""
+    for name in ("higher", "matplotlib", "tqdm"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    calls = []
+
+    def fake_run_suite(**kwargs: Any) -> SuiteResult:
+        calls.append(kwargs)
+        return _suite_result()
+
+    monkeypatch.setattr(bench_cli, "run_suite", fake_run_suite)
+    out = tmp_path / "out"
+    assert bench_cli.main(["--quick", "--no-plot", "--out", str(out)]) == 0
+    assert len(calls) == 1 and calls[0]["implementations"] is None
+    assert (out / "results.json").is_file() and not (out / "results.png").exists()
+
+
+def test_results_survive_a_failing_plot(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The plot fails after writing half a PNG: the JSON and the table are kept whole, the
+    partial PNG (and an earlier run's) is removed, the error names the saved files, and
+    the exit status is 1."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.png").write_bytes(b"an earlier run's plot")
+
+    def failing_plot(result: SuiteResult, path: Path) -> Path:
+        Path(path).write_bytes(b"\x89PNG half")
+        raise RuntimeError("no display")
+
+    monkeypatch.setattr(bench_plotting, "plot_results", failing_plot)
+    monkeypatch.setattr(bench_cli, "run_suite", lambda **kwargs: _suite_result())
+    assert bench_cli.main(["--quick", "--no-progress", "--implementations", "loft",
+                           "--out", str(out)]) == 1
+    captured = capsys.readouterr()
+    assert "inner ms" in captured.out  # the table was printed
+    assert "the plot failed (RuntimeError: no display)" in captured.err, captured.err
+    assert str(out / "results.json") in captured.err
+    data = json.loads((out / "results.json").read_text())
+    assert data["records"] == _suite_result().records
+    table = (out / "results.txt").read_text()
+    assert "inner ms" in table and "worker exited with 1: boom" in table
+    assert not (out / "results.png").exists()
+
+
+def test_long_results_survive_a_missing_matplotlib(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real plot with matplotlib gone at plot time: :class:`PlotError` after the JSON
+    and the table were written, naming both."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    result = _long_result()
+    with pytest.raises(PlotError) as caught:
+        result.save(tmp_path, plot=True)
+    assert isinstance(caught.value.__cause__, ImportError)
+    assert set(caught.value.paths) == {"json", "table"}
+    assert str(tmp_path / "long.json") in str(caught.value)
+    assert json.loads((tmp_path / "long.json").read_text())["records"] == result.records
+    assert "peakRSS MB" in (tmp_path / "long.txt").read_text()
+    assert not (tmp_path / "long.png").exists()
