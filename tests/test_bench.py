@@ -139,6 +139,7 @@ def test_missing_dependencies_stop_before_measuring(
     measurement and with no file written."""
     monkeypatch.setitem(sys.modules, "higher", None)
     monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setattr(bench_cli, "build_ops", _no_measuring)
     monkeypatch.setattr(bench_cli, "run_suite", _no_measuring)
     monkeypatch.setattr(bench_long, "run_long_suite", _no_measuring)
     out = tmp_path / "out"
@@ -156,21 +157,31 @@ def test_missing_dependencies_stop_before_measuring(
     assert not out.exists()
 
 
+@pytest.mark.parametrize("implementations,builds", [
+    (None, True), ("loft,higher", True), ("per-tensor,higher", False)])
 def test_present_dependencies_let_the_suite_run(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """With every needed module importable (stand-ins here), the suite runs and saves."""
+        implementations: str | None, builds: bool, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With every needed module importable (stand-ins here), the fused ops are built here
+    first when the run measures them (so a cold build reports on this terminal), then the
+    suite runs and saves."""
     for name in ("higher", "matplotlib", "tqdm"):
         monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
-    calls = []
+    calls: list[str] = []
 
     def fake_run_suite(**kwargs: Any) -> SuiteResult:
-        calls.append(kwargs)
+        calls.append(f"run {kwargs['implementations']}")
         return _suite_result()
 
+    monkeypatch.setattr(bench_cli, "build_ops", lambda: calls.append("build"))
     monkeypatch.setattr(bench_cli, "run_suite", fake_run_suite)
     out = tmp_path / "out"
-    assert bench_cli.main(["--quick", "--no-plot", "--out", str(out)]) == 0
-    assert len(calls) == 1 and calls[0]["implementations"] is None
+    argv = ["--quick", "--no-plot", "--out", str(out)]
+    if implementations is not None:
+        argv += ["--implementations", implementations]
+    assert bench_cli.main(argv) == 0
+    expected_run = f"run {None if implementations is None else implementations.split(',')}"
+    assert calls == (["build"] if builds else []) + [expected_run]
     assert (out / "results.json").is_file() and not (out / "results.png").exists()
 
 

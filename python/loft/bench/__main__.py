@@ -149,6 +149,21 @@ def missing_message(missing: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def measures_fused(args: argparse.Namespace) -> bool:
+    """Whether this run measures loft's fused ops (``--long`` always does)."""
+    names = _names(args.implementations)
+    return args.long or names is None or "loft" in names
+
+
+def build_ops() -> None:
+    """Build (or load) the fused ops in this process before any worker starts: a cold
+    build then reports its start and end here (a worker's output goes to its log), and
+    every worker loads the cached library."""
+    import loft
+
+    loft.backend()
+
+
 def main_long(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """``--long``: run :func:`loft.bench.long.run_long_suite` and write its files."""
     from loft.bench.long import run_long_suite
@@ -193,6 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if missing:
         print(missing_message(missing), file=sys.stderr)
         return 2
+    if measures_fused(args):
+        build_ops()
     if args.long:
         return main_long(args, argv)
     defaults = QUICK if args.quick else {"models": DEFAULT_MODELS,
