@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
+import re
 import subprocess
 import sys
 import types
@@ -228,3 +230,39 @@ def test_long_results_survive_a_missing_matplotlib(
     assert json.loads((tmp_path / "long.json").read_text())["records"] == result.records
     assert "peakRSS MB" in (tmp_path / "long.txt").read_text()
     assert not (tmp_path / "long.png").exists()
+
+
+def _setup_list(name: str) -> list[str]:
+    """The list literal assigned to ``name`` in setup.py (``*OTHER`` spliced in)."""
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    lists = {node.targets[0].id: node.value for node in tree.body
+             if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)
+             and isinstance(node.value, ast.List)}
+    items: list[str] = []
+    for element in lists[name].elts:
+        if isinstance(element, ast.Starred):
+            assert isinstance(element.value, ast.Name)
+            items += _setup_list(element.value.id)
+        else:
+            items.append(ast.literal_eval(element))
+    return items
+
+
+def test_bench_extra_quick_start_and_ci_agree() -> None:
+    """The bench extra holds every optional module the benchmark checks for (tqdm is a
+    requirement of loft itself), the test extra includes it, and the README's Quick start
+    is two commands: install with the bench extra and run the benchmark; install the test
+    extra and run .ci/run's test command."""
+    bench = _setup_list("BENCH_REQUIRES")
+    names = {re.split(r"[=<>!~\[ ]", requirement)[0].lower() for requirement in bench}
+    assert names == set(bench_cli.OPTIONAL_DEPENDENCIES) - {"tqdm"}, bench
+    assert set(bench) <= set(_setup_list("TEST_REQUIRES"))
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("## Quick start", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    first, second = block.strip().splitlines()
+    assert first == ("pip install torch==2.13.0 && pip install '.[bench]' && "
+                     "python -m loft.bench --quick")
+    ci = (ROOT / ".ci" / "run").read_text()
+    (test_cmd,) = re.findall(r'^test_cmd="([^"]+)"', ci, flags=re.MULTILINE)
+    assert second == f"pip install '.[test]' && {test_cmd}"
+    assert re.search(r"^python3 -m pip install .*'\.\[test\]'$", ci, flags=re.MULTILINE), ci
