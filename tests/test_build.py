@@ -112,6 +112,10 @@ def test_broken_compiler_falls_back_with_one_warning(tmp_path: Path) -> None:
     assert lines[2].startswith("the C++ build failed") and "/bin/false" in lines[2], lines[2]
     assert lines[3:] == ["True", "True"], out.stdout
     assert not list((tmp_path / "cache").glob("*/*.so"))  # nothing half-built was kept
+    # The start line is closed by one saying that the build failed (then the warning).
+    start, end = _progress_lines(out.stderr)
+    assert start.startswith("loft: building the C++ ops (CPU) in "), out.stderr
+    assert re.fullmatch(r"loft: the build \(CPU\) failed after \d+\.\d s", end), out.stderr
 
 
 def _progress_lines(stderr: str) -> list[str]:
