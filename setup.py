@@ -64,9 +64,13 @@ class build_py_with_csrc(build_py):
         return super().get_source_files() + [str(p) for p in csrc_files()]
 
 
-# pillow: the Omniglot loader test writes and reads real PNGs; matplotlib: the bench plot.
-TEST_REQUIRES = ["pytest", "pytest-benchmark", "higher==0.2.1", "numpy", "hypothesis", "pillow",
-                 "matplotlib"]
+# What `python -m loft.bench` imports beyond loft's own requirements: higher, the baseline
+# every ratio is taken against (0.2.1, the release the README's figures compare with), and
+# matplotlib for the plot. The benchmark checks for them before it measures anything.
+BENCH_REQUIRES = ["higher==0.2.1", "matplotlib"]
+# pillow: the Omniglot loader test writes and reads real PNGs; the bench extra: the parity
+# tests against higher and the benchmark's own tests (plot included).
+TEST_REQUIRES = ["pytest", "pytest-benchmark", "numpy", "hypothesis", "pillow", *BENCH_REQUIRES]
 
 setup(
     name="loft",
@@ -88,6 +92,7 @@ setup(
     # torch>=2.1 is met by an installed torch 2.13.0, so pip keeps it (no download).
     install_requires=["torch>=2.1", "numpy", "ninja", "filelock", "tqdm"],
     extras_require={
+        "bench": BENCH_REQUIRES,
         "test": TEST_REQUIRES,
         "dev": [*TEST_REQUIRES, "ruff", "clang-format"],
     },

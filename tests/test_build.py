@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -10,7 +11,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 
 import loft
 from loft import _ext
@@ -112,6 +112,35 @@ def test_broken_compiler_falls_back_with_one_warning(tmp_path: Path) -> None:
     assert lines[2].startswith("the C++ build failed") and "/bin/false" in lines[2], lines[2]
     assert lines[3:] == ["True", "True"], out.stdout
     assert not list((tmp_path / "cache").glob("*/*.so"))  # nothing half-built was kept
+    # The start line is closed by one saying that the build failed (then the warning).
+    start, end = _progress_lines(out.stderr)
+    assert start.startswith("loft: building the C++ ops (CPU) in "), out.stderr
+    assert re.fullmatch(r"loft: the build \(CPU\) failed after \d+\.\d s", end), out.stderr
+
+
+def _progress_lines(stderr: str) -> list[str]:
+    """The build's progress lines (``loft: ...``) among a process's stderr."""
+    return [line for line in stderr.splitlines() if line.startswith("loft: ")]
+
+
+@pytest.mark.slow
+def test_cold_build_prints_start_and_end_and_warm_load_prints_nothing(tmp_path: Path) -> None:
+    """A cold build says on stderr what it builds, where, that it happens once, and then
+    how long it took; a later process that loads the cached library prints nothing."""
+    cache = tmp_path / "cache"
+    code = "import loft; print(loft.backend())"
+    cold = _run(code, LOFT_CACHE_DIR=str(cache))
+    assert cold.returncode == 0 and cold.stdout.strip() == "fused", cold.stderr[-2000:]
+    (build_dir,) = cache.glob(f"{_ext._EXT_PREFIX}_*")
+    what = "CPU and CUDA" if _ext._want_cuda() else "CPU"
+    start, end = _progress_lines(cold.stderr)
+    assert start == (f"loft: building the C++ ops ({what}) in {build_dir}; this happens once "
+                     f"per torch version and change of loft's sources"), cold.stderr
+    match = re.fullmatch(rf"loft: built the C\+\+ ops \({what}\) in (\d+\.\d) s", end)
+    assert match and float(match.group(1)) > 0, end
+    warm = _run(code, LOFT_CACHE_DIR=str(cache))
+    assert warm.returncode == 0 and warm.stdout.strip() == "fused", warm.stderr[-2000:]
+    assert _progress_lines(warm.stderr) == [], warm.stderr
 
 
 @pytest.mark.slow
@@ -134,6 +163,8 @@ def test_changed_sources_rebuild_and_concurrent_cold_builds(tmp_path: Path) -> N
              for _ in range(2)]
     outs = [p.communicate(timeout=900) for p in procs]
     assert [o[0].strip() for o in outs] == ["fused", "fused"], [o[1][-2000:] for o in outs]
+    # One built (and said so, start and end); the other waited on the lock and loaded it.
+    assert sorted(len(_progress_lines(o[1])) for o in outs) == [0, 2], [o[1] for o in outs]
     entries = list(cache.glob(f"{_ext._EXT_PREFIX}_*"))
     assert len(entries) == 1
     original = _ext.csrc_dir()
@@ -145,3 +176,4 @@ def test_changed_sources_rebuild_and_concurrent_cold_builds(tmp_path: Path) -> N
     out = _run(code, LOFT_CACHE_DIR=str(cache))
     assert out.stdout.strip() == "fused", out.stderr[-2000:]
     assert library.stat().st_size > 1000
+    assert len(_progress_lines(out.stderr)) == 2, out.stderr  # a rebuild says so too

@@ -9,6 +9,7 @@ mini-MAML at train and test time, and recurrent modules.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -248,17 +249,31 @@ def test_sgd_state_dict_matches_torch_layout() -> None:
     assert opt.param_groups[0]["lr"] == 0.1
 
 
+def _assert_same_setting(key: str, actual: Any, expected: Any) -> None:
+    """``actual`` has ``expected``'s type and value: exactly for None, bools, ints and
+    strings, to 1e-7 relative for floats (element by element in tuples such as betas)."""
+    assert type(actual) is type(expected), (key, actual, expected)
+    if isinstance(expected, tuple):
+        assert len(actual) == len(expected), (key, actual, expected)
+        for actual_item, expected_item in zip(actual, expected):
+            _assert_same_setting(key, actual_item, expected_item)
+    elif isinstance(expected, float):
+        # The learnable copies are float32 tensors (as in higher): equal to 1e-7.
+        assert actual == pytest.approx(expected, rel=1e-7), (key, actual, expected)
+    else:
+        assert actual == expected, (key, actual, expected)
+
+
 def test_apply_trainable_opt_params_keeps_types() -> None:
     model = _plain()
     opt = torch.optim.Adam(model.parameters(), lr=0.1)
     override = higher.optim.get_trainable_opt_params(opt)
     other = torch.optim.Adam(model.parameters(), lr=5.0)
     higher.optim.apply_trainable_opt_params(other, override)
+    assert other.param_groups[0].keys() == opt.param_groups[0].keys()
     for key, value in opt.param_groups[0].items():
         if key != "params":
-            assert type(other.param_groups[0][key]) is type(value), key
-            # The learnable copies are float32 tensors (as in higher): equal to 1e-7.
-            assert other.param_groups[0][key] == pytest.approx(value, rel=1e-7), key
+            _assert_same_setting(key, other.param_groups[0][key], value)
 
 
 @pytest.mark.parametrize("opt_type,kwargs", [

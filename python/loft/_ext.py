@@ -15,6 +15,9 @@ loads the library so that the ops appear under ``torch.ops.loft``.
   library that does not match its stamp (a partial or corrupted file) is rebuilt.
 - **Fallback**: any failure gives one :class:`UserWarning` with the compiler's last
   lines, and loft runs on :mod:`loft.reference`. Nothing here raises.
+- **Progress**: a build (not a cached load) prints one line to stderr when it starts
+  (what is built, and where) and one when it ends (its duration), since it takes tens of
+  seconds and happens inside the first op call.
 - ``LOFT_BACKEND=reference`` skips the build altogether.
 """
 
@@ -27,6 +30,7 @@ import os
 import sys
 import sysconfig
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -120,6 +124,11 @@ def _last_lines(text: str, n: int = _WARNING_LINES) -> str:
     return "\n".join(lines[-n:])
 
 
+def _say(message: str) -> None:
+    """One progress line on stderr, flushed at once (a build runs for tens of seconds)."""
+    print(f"loft: {message}", file=sys.stderr, flush=True)
+
+
 def _build_and_load(src: Path, cuda: bool) -> None:
     """Build (if needed) into the cache and load the library into torch.ops.loft."""
     from filelock import FileLock
@@ -146,18 +155,27 @@ def _build_and_load(src: Path, cuda: bool) -> None:
         for leftover in (library, stamp, build_dir / "lock"):
             leftover.unlink(missing_ok=True)
         _ninja_on_path()
-        cpp_extension.load(
-            name=name,
-            sources=[str(s) for s in sources],
-            extra_cflags=_cflags(),
-            extra_cuda_cflags=_cuda_cflags() if cuda else None,
-            extra_ldflags=["-fopenmp"] + _extra_flags(),
-            extra_include_paths=[str(src)],
-            build_directory=str(build_dir),
-            is_python_module=False,
-            verbose=os.environ.get("LOFT_VERBOSE_BUILD", "0") == "1",
-        )
+        what = "CPU and CUDA" if cuda else "CPU"
+        _say(f"building the C++ ops ({what}) in {build_dir}; this happens once per torch "
+             f"version and change of loft's sources")
+        start = time.perf_counter()
+        try:
+            cpp_extension.load(
+                name=name,
+                sources=[str(s) for s in sources],
+                extra_cflags=_cflags(),
+                extra_cuda_cflags=_cuda_cflags() if cuda else None,
+                extra_ldflags=["-fopenmp"] + _extra_flags(),
+                extra_include_paths=[str(src)],
+                build_directory=str(build_dir),
+                is_python_module=False,
+                verbose=os.environ.get("LOFT_VERBOSE_BUILD", "0") == "1",
+            )
+        except Exception:
+            _say(f"the build ({what}) failed after {time.perf_counter() - start:.1f} s")
+            raise
         stamp.write_text(json.dumps({"sha256": _sha256(library), "torch": torch.__version__}))
+        _say(f"built the C++ ops ({what}) in {time.perf_counter() - start:.1f} s")
 
 
 def load() -> bool:

@@ -7,11 +7,16 @@ See :mod:`loft.bench` for what is measured and how.
 ``python -m loft.bench --long`` runs the long-inner-loop suite instead (issue 6: full
 unroll, checkpointing, truncation and first order on one fixed workload, peak memory and
 time against T): see :mod:`loft.bench.long`.
+
+The optional dependencies a run needs (``higher``, ``matplotlib``: the ``bench`` extra)
+are checked before anything is measured; the JSON and the table are written before the
+plot, and a failing plot keeps them.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import shlex
 import sys
 from collections.abc import Callable, Sequence
@@ -19,6 +24,7 @@ from typing import Any
 
 from loft.bench.long import DEFAULT_LONG_REPEATS, DEFAULT_LONG_STEPS, LONG_QUICK
 from loft.bench.measure import DEFAULT_TIME_BUDGET_S
+from loft.bench.plotting import PlotError
 from loft.bench.suite import (
     DEFAULT_MODELS,
     DEFAULT_OPTIMIZERS,
@@ -26,6 +32,15 @@ from loft.bench.suite import (
     QUICK,
     run_suite,
 )
+
+#: What each optional dependency (setup.py's ``bench`` extra) is needed for, and the
+#: option that runs without it.
+OPTIONAL_DEPENDENCIES: dict[str, tuple[str, str]] = {
+    "higher": ("the baseline of every ratio", "--implementations loft loft-reference per-tensor"),
+    "matplotlib": ("the plot", "--no-plot"),
+    "tqdm": ("the progress bar", "--no-progress"),
+}
+INSTALL_COMMAND = "pip install 'loft[bench]'   (from a checkout of loft: pip install '.[bench]')"
 
 
 def _names(values: Sequence[str] | None) -> list[str] | None:
@@ -59,7 +74,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              f"per mode and T; --long --quick: {LONG_QUICK['repeats']})")
     parser.add_argument("--implementations", nargs="+", metavar="I",
                         help="subset of: loft loft-reference per-tensor higher "
-                             "(default: all; higher if installed)")
+                             "(default: all four; higher comes with the bench extra)")
     parser.add_argument("--quick", action="store_true",
                         help="a short run (under a minute on a quiet machine): model A, "
                              "T = 50, 3 repeats; with --long: T = 20 40, 1 repeat")
@@ -100,6 +115,55 @@ def _check_long_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         parser.error(f"--long runs on cpu only, got --device {args.device}")
 
 
+def needed_modules(args: argparse.Namespace) -> list[str]:
+    """The optional modules this run imports: higher (when measured), matplotlib (unless
+    ``--no-plot``), tqdm (unless ``--no-progress``)."""
+    needed = []
+    if not args.long and (args.implementations is None
+                          or "higher" in (_names(args.implementations) or [])):
+        needed.append("higher")
+    if not args.no_plot:
+        needed.append("matplotlib")
+    if not args.no_progress:
+        needed.append("tqdm")
+    return needed
+
+
+def missing_modules(names: Sequence[str]) -> list[str]:
+    """Those of ``names`` that do not import (absent or broken installs)."""
+    missing = []
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    return missing
+
+
+def missing_message(missing: Sequence[str]) -> str:
+    """What is missing, what for, the install command and the options that skip it."""
+    lines = [f"loft.bench: missing optional dependencies: {', '.join(missing)}."]
+    lines += [f"  {name}: {OPTIONAL_DEPENDENCIES[name][0]} (or run with "
+              f"{OPTIONAL_DEPENDENCIES[name][1]})" for name in missing]
+    lines.append(f"Install them with: {INSTALL_COMMAND}")
+    return "\n".join(lines)
+
+
+def measures_fused(args: argparse.Namespace) -> bool:
+    """Whether this run measures loft's fused ops (``--long`` always does)."""
+    names = _names(args.implementations)
+    return args.long or names is None or "loft" in names
+
+
+def build_ops() -> None:
+    """Build (or load) the fused ops in this process before any worker starts: a cold
+    build then reports its start and end here (a worker's output goes to its log), and
+    every worker loads the cached library."""
+    import loft
+
+    loft.backend()
+
+
 def main_long(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """``--long``: run :func:`loft.bench.long.run_long_suite` and write its files."""
     from loft.bench.long import run_long_suite
@@ -118,21 +182,34 @@ def main_long(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 def _report(args: argparse.Namespace, run: Callable[[], Any]) -> int:
     """Run a suite, print its table and save its files; the exit status (2: bad
-    arguments, 1: every measurement failed)."""
+    arguments, 1: every measurement failed, or the plot failed: the JSON and the table
+    are written all the same)."""
     try:
         result = run()
     except ValueError as exc:
         print(f"loft.bench: {exc}", file=sys.stderr)
         return 2
     print(result.table())
-    paths = result.save(args.out, plot=not args.no_plot)
+    try:
+        paths = result.save(args.out, plot=not args.no_plot)
+    except PlotError as exc:
+        print("\nwrote " + ", ".join(str(p) for p in exc.paths.values()))
+        print(f"loft.bench: {exc}", file=sys.stderr)
+        return 1
     print("\nwrote " + ", ".join(str(p) for p in paths.values()))
     return 1 if result.errors and len(result.errors) == len(result.records) else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m loft.bench``: check the optional dependencies, measure, report."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    missing = missing_modules(needed_modules(args))
+    if missing:
+        print(missing_message(missing), file=sys.stderr)
+        return 2
+    if measures_fused(args):
+        build_ops()
     if args.long:
         return main_long(args, argv)
     defaults = QUICK if args.quick else {"models": DEFAULT_MODELS,

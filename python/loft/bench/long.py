@@ -369,16 +369,20 @@ class LongResult:
                 "targets": self.target_rows()}
 
     def save(self, out_dir: str | os.PathLike[str], plot: bool = True) -> dict[str, Path]:
-        """Write ``long.json``, ``long.txt`` and (if ``plot``) ``long.png``."""
+        """Write ``long.json``, ``long.txt`` and (if ``plot``) ``long.png``.
+
+        The plot comes last: if it fails, :class:`loft.bench.plotting.PlotError` is
+        raised with the JSON and the table already written.
+        """
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         paths = {"json": out / "long.json", "table": out / "long.txt"}
         paths["json"].write_text(json.dumps(self.to_json(), indent=1))
         paths["table"].write_text(self.table() + "\n")
         if plot:
-            from loft.bench.plotting import plot_long
+            from loft.bench.plotting import plot_long, write_plot
 
-            paths["png"] = plot_long(self, out / "long.png")
+            write_plot(plot_long, self, out / "long.png", paths)
         return paths
 
     @classmethod

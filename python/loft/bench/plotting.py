@@ -6,11 +6,16 @@ The bare floor (no update) is drawn dashed in every row of its model.
 
 :func:`plot_long` draws the ``--long`` suite: peak RSS growth and total time against T,
 one line per mode (full, checkpoint, truncate, first_order).
+
+The plot is the one optional output (matplotlib, the ``bench`` extra): the results' JSON
+and table are written first, and :func:`write_plot` turns any failure of the plot into a
+:class:`PlotError` that lists the files already written.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +23,28 @@ if TYPE_CHECKING:
     from loft.bench.long import LongResult
     from loft.bench.suite import SuiteResult
 
-__all__ = ["plot_results", "plot_long"]
+__all__ = ["plot_results", "plot_long", "write_plot", "PlotError"]
+
+
+class PlotError(RuntimeError):
+    """The plot failed after the results were written; ``paths`` names the written files."""
+
+    def __init__(self, paths: dict[str, Path], cause: BaseException) -> None:
+        self.paths = dict(paths)
+        written = ", ".join(str(p) for p in self.paths.values())
+        super().__init__(f"the plot failed ({type(cause).__name__}: {cause}); the results "
+                         f"are saved in {written}")
+
+
+def write_plot(draw: Callable[[Any, Path], Path], result: Any, path: Path,
+               paths: dict[str, Path]) -> None:
+    """``paths["png"] = draw(result, path)``; on any failure, remove what ``path`` holds
+    (a partial or an earlier run's plot) and raise :class:`PlotError` naming ``paths``."""
+    try:
+        paths["png"] = draw(result, path)
+    except Exception as exc:  # noqa: BLE001 - whatever failed, the results are kept
+        Path(path).unlink(missing_ok=True)
+        raise PlotError(paths, exc) from exc
 
 _STYLE = {
     "loft": {"color": "tab:blue", "marker": "o"},

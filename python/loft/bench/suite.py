@@ -439,16 +439,20 @@ class SuiteResult:
                 "targets": self.target_rows()}
 
     def save(self, out_dir: str | os.PathLike[str], plot: bool = True) -> dict[str, Path]:
-        """Write ``results.json``, ``results.txt`` and (if ``plot``) ``results.png``."""
+        """Write ``results.json``, ``results.txt`` and (if ``plot``) ``results.png``.
+
+        The plot comes last: if it fails, :class:`loft.bench.plotting.PlotError` is
+        raised with the JSON and the table already written.
+        """
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         paths = {"json": out / "results.json", "table": out / "results.txt"}
         paths["json"].write_text(json.dumps(self.to_json(), indent=1))
         paths["table"].write_text(self.table() + "\n")
         if plot:
-            from loft.bench.plotting import plot_results
+            from loft.bench.plotting import plot_results, write_plot
 
-            paths["png"] = plot_results(self, out / "results.png")
+            write_plot(plot_results, self, out / "results.png", paths)
         return paths
 
     @classmethod
