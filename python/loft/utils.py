@@ -1,4 +1,5 @@
-"""The helpers of higher's ``higher.utils`` that user code reaches for."""
+"""higher's ``higher.utils``: every helper of higher 0.2.1 and of higher's HEAD, with
+higher's signatures and behaviour (user code reaches for the private ones too)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from torch import Tensor
 __all__ = ["get_func_params", "flatten"]
 
 _T = TypeVar("_T")
+_U = TypeVar("_U")
 
 
 def _copy_tensor(t: Tensor, safe_copy: bool, device: torch.device | str | None = None) -> Tensor:
@@ -19,6 +21,20 @@ def _copy_tensor(t: Tensor, safe_copy: bool, device: torch.device | str | None =
     out = t.detach().clone() if safe_copy else t.detach()
     out = out.requires_grad_(t.requires_grad)
     return out if device is None else out.to(device)
+
+
+def _recursive_detach(target: Any) -> Any:
+    """Detach every tensor in nested lists, tuples and dicts (dicts come back as plain
+    dicts; sets and other objects as they are); higher HEAD's ``_recursive_detach``."""
+    if isinstance(target, Tensor):
+        return target.detach()
+    if isinstance(target, dict):
+        return {k: _recursive_detach(v) for k, v in target.items()}
+    if isinstance(target, list):
+        return [_recursive_detach(v) for v in target]
+    if isinstance(target, tuple):
+        return tuple(_recursive_detach(v) for v in target)
+    return target
 
 
 def _recursive_map(target: Any, map_fn: Callable[[Any], Any]) -> Any:
