@@ -8,6 +8,9 @@ intra-op thread, implementations alternating within every run:
   higher's MAML-Omniglot network (3 x [Conv2d(., 64, 3), BatchNorm2d(64, momentum=1),
   ReLU, MaxPool2d(2)] + Flatten + Linear(64, 5)) and on a Linear(64, 5) that holds a
   32 MB tensor attribute (a lookup table);
+- ``step``: the patched model's share of an inner step on the sine MLP below:
+  ``fmodel.update_params(new weights)`` (as the optimiser calls it) then ``fmodel(x)``
+  on 10 points, with grad mode on, median over ``--repeats`` x 10;
 - ``sine``: one MAML sine-regression meta-iteration (MLP 1-40-40-1, plain SGD, 5 inner
   steps on 10 support points for each of 25 tasks, query loss, meta-backward), median
   over ``--repeats`` meta-iterations; also reported per inner step (the iteration's
@@ -37,7 +40,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-WORKLOADS = ("omniglot", "table32mb", "sine")
+WORKLOADS = ("omniglot", "table32mb", "step", "sine")
 
 
 def _omniglot() -> Any:
@@ -106,6 +109,26 @@ def _worker(impl: str, workload: str, repeats: int) -> dict[str, float]:
 
     model = nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(),
                           nn.Linear(40, 1))
+    if workload == "step":
+        fmodel = lib.monkeypatch(model, copy_initial_weights=False)
+        new = [p.clone() for p in model.parameters()]
+        points = torch.rand(10, 1)
+        if impl == "higher":
+            def update() -> None:
+                fmodel.update_params(new)
+        else:
+            def update() -> None:
+                fmodel.update_params(new, _checked=True)  # what loft's optimisers call
+
+        def step() -> None:
+            update()
+            fmodel(points)
+            if len(fmodel._fast_params) > 100:  # keep the history short
+                del fmodel._fast_params[1:]
+                if hasattr(fmodel, "_times"):
+                    del fmodel._times[1:]
+
+        return {"ms": _median_ms(step, repeats * 10, warmup=200)}
     inner = torch.optim.SGD(model.parameters(), lr=0.01)
     meta = torch.optim.Adam(model.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(0)
@@ -166,7 +189,7 @@ def main() -> None:
     results: dict[str, dict[str, list[dict[str, float]]]] = {}
     for run in range(args.runs):
         for workload in workloads:
-            repeats = args.repeats or (15 if workload == "sine" else 400)
+            repeats = args.repeats or {"sine": 15, "step": 300}.get(workload, 400)
             order = impls if run % 2 == 0 else impls[::-1]
             for name, path in order:
                 figures = _run(name, path, workload, repeats)
