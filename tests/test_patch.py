@@ -341,6 +341,20 @@ def test_direct_submodule_calls_run_on_the_fast_weights() -> None:
     torch.testing.assert_close(grad, torch.ones(3, 1, dtype=torch.float64) * x.sum(0), **F64)
 
 
+def test_slices_of_patched_containers_run_on_the_fast_weights() -> None:
+    """``Sequential.__getitem__`` builds ``self.__class__(...)`` for a slice: a plain
+    Sequential of the patched modules (higher 0.2.1 raises a TypeError)."""
+    model = _model("batchnorm").eval()
+    fmodel = loft.monkeypatch(model)
+    fmodel.update_params([p * 2 for p in fmodel.parameters()])
+    head = fmodel[2:]
+    assert type(head) is nn.Sequential and head[1] is fmodel[3]
+    hidden = fmodel[:2](_x(6, 4))
+    torch.testing.assert_close(head(hidden), fmodel(_x(6, 4)), **F64)
+    with pytest.raises(TypeError, match="not constructed directly"):
+        loft.patch._MonkeyPatchBase()
+
+
 def test_assigning_a_tensor_to_a_slot_records_new_fast_weights() -> None:
     """At the root side by side with higher (whose submodules cannot take assignments),
     in a submodule against the functional form."""

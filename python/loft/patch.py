@@ -160,9 +160,24 @@ class _MonkeyPatchBase(nn.Module):
     _loft_wrapped: type[nn.Module] = nn.Module
     _root_ref: Callable[[], FunctionalModule | None] | None = None
 
-    def __init__(self) -> None:
-        raise TypeError("patched modules are made by loft.monkeypatch(module) or "
-                        "loft.patch.make_functional(module), not constructed directly")
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        """Called with arguments, a patched class builds its original class: the
+        original's own code does that (``Sequential.__getitem__`` with a slice calls
+        ``self.__class__(...)``), so ``fmodel[1:]`` is a plain ``Sequential`` of patched
+        modules. Without (``copy.copy``): an empty instance."""
+        if args or kwargs:
+            if cls._loft_wrapped is nn.Module:
+                raise TypeError("patched modules are made by loft.monkeypatch(module) or "
+                                "loft.patch.make_functional(module), not constructed directly")
+            return cls._loft_wrapped(*args, **kwargs)
+        return super().__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """Nothing for a built patched module (``FunctionalModule(module)`` returns
+        one); an empty one cannot be constructed."""
+        if "_parameters" not in self.__dict__:
+            raise TypeError("patched modules are made by loft.monkeypatch(module) or "
+                            "loft.patch.make_functional(module), not constructed directly")
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """higher's placeholder forward (the patched classes define their own)."""
@@ -348,7 +363,7 @@ def _patched_class(cls: type[nn.Module], root: bool) -> type:
         return found
     _check_patchable(cls)
     namespace: dict[str, Any] = {"_loft_wrapped": cls, "_wrapped_name": cls.__name__,
-                                 "__module__": cls.__module__}
+                                 "__module__": __name__}
     if not root:
         namespace["forward"] = _inner_forward
         # Before the original class's own (RNNBase has one).
@@ -548,18 +563,13 @@ class FunctionalModule(_MonkeyPatchBase):
     _loft_recurrent: list[_MonkeyPatchBase]
     _loft_shapes: list[torch.Size]
 
-    def __new__(cls, module: nn.Module | None = None,
-                track_higher_grads: bool = True) -> FunctionalModule:
-        """``FunctionalModule(module)`` is ``make_functional(module)`` (no fast weights
-        yet)."""
-        if module is None:  # copy.copy and friends
-            return super().__new__(cls)
-        fmodule = make_functional(module)
-        fmodule.track_higher_grads = track_higher_grads
-        return fmodule
-
-    def __init__(self, module: nn.Module | None = None, track_higher_grads: bool = True) -> None:
-        """Nothing: ``__new__`` built the patched tree."""
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        """``FunctionalModule(module, track_higher_grads=True)`` is
+        ``make_functional(module)`` (no fast weights yet); see
+        :meth:`_MonkeyPatchBase.__new__` for the patched classes."""
+        if cls is not FunctionalModule or not (args or kwargs):
+            return super().__new__(cls, *args, **kwargs)
+        return _functional_module(*args, **kwargs)
 
     # ---- fast weights ------------------------------------------------------------------
 
@@ -823,6 +833,14 @@ def _twin_tree(patched: _MonkeyPatchBase, memo: dict[int, _MonkeyPatchBase],
         children[name] = child
     state["_modules"] = children
     return twin
+
+
+def _functional_module(module: nn.Module, track_higher_grads: bool = True) -> FunctionalModule:
+    """``FunctionalModule(module, track_higher_grads)``: loft's constructor before the
+    patched classes; ``make_functional(module)`` and the flag."""
+    fmodule = make_functional(module)
+    fmodule.track_higher_grads = track_higher_grads
+    return fmodule
 
 
 # ---- higher's module-level helpers ------------------------------------------------------------
