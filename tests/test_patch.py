@@ -397,6 +397,24 @@ def test_assigning_a_tensor_to_a_slot_records_new_fast_weights() -> None:
         fmodel.encoder.weight = torch.zeros(2, dtype=torch.float64)
 
 
+def test_history_changed_directly_is_what_the_next_call_runs_on() -> None:
+    """higher reads the history at every call; code that edits ``_fast_params`` itself
+    gets the same result from loft."""
+    x = _x(6, 4)
+
+    def scenario(lib: Any) -> Any:
+        fmodel = lib.monkeypatch(_model("tied"))
+        first = fmodel(x)
+        fmodel._fast_params.append([p * 3 for p in fmodel.parameters()])
+        appended = fmodel(x)
+        fmodel._fast_params = fmodel._fast_params[:1]
+        return first, appended, fmodel(x), fmodel.boxed_forward(x)
+
+    first, appended, cut, _ = _both(scenario)
+    assert not torch.allclose(first, appended)
+    torch.testing.assert_close(first, cut, **F64)
+
+
 def test_modify_internally_sets_a_slot_without_history() -> None:
     def scenario(lib: Any) -> Any:
         fmodel = lib.monkeypatch(_model("batchnorm"))

@@ -537,6 +537,7 @@ def _build(module: nn.Module, device: torch.device | str | None,
     state["_track_higher_grads"] = track_higher_grads
     if make_fast is not None:
         state["_fast_params"] = [patcher.fast]
+        state["_loft_written"] = patcher.fast
         state["_times"] = [0]
         for m in patcher.recurrent:
             _refresh_flat_weights(m)
@@ -562,6 +563,8 @@ class FunctionalModule(_MonkeyPatchBase):
     _loft_inner: list[_MonkeyPatchBase]
     _loft_recurrent: list[_MonkeyPatchBase]
     _loft_shapes: list[torch.Size]
+    #: The fast weights last written into the slots (checked by ``forward``).
+    _loft_written: list[Tensor] | None = None
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
         """``FunctionalModule(module, track_higher_grads=True)`` is
@@ -628,6 +631,7 @@ class FunctionalModule(_MonkeyPatchBase):
         for module in self._loft_recurrent:
             _refresh_flat_weights(module)
         state = self.__dict__
+        state["_loft_written"] = fast
         if "_flat_weights_names" in state:
             _refresh_flat_weights(self)
         if state.get("_loft_unset"):
@@ -732,23 +736,32 @@ class FunctionalModule(_MonkeyPatchBase):
     def forward(self, *args: Any, params: Iterable[Tensor] | None = None, **kwargs: Any) -> Any:
         """``module(*args, **kwargs)`` on the fast weights; ``params`` given are recorded
         as the new fast weights first, as higher does."""
+        history = self._fast_params
         if params is not None:
             self.update_params(params)
-        elif self._fast_params is None:
+        elif history is None:
             raise ValueError(_NO_WEIGHTS)
+        elif history[-1] is not self._loft_written:
+            # The history was changed behind update_params' back (fmodel._fast_params
+            # assigned or appended to, as higher allows): run on its latest entry.
+            self._write(history[-1])
         return self._loft_wrapped.forward(self, *args, **kwargs)
 
     def boxed_forward(self, *args: Any, **kwargs: Any) -> Any:
         """higher's ``boxed_forward``: the original forward on the current fast weights."""
+        self._refill_params_box(None)
         return self._loft_wrapped.forward(self, *args, **kwargs)
 
     def _refill_params_box(self, params: Iterable[Tensor] | None) -> None:
-        """higher's ``_refill_params_box``: record ``params`` if given; raise
-        ``ValueError`` if there are no fast weights at all."""
+        """higher's ``_refill_params_box``: record ``params`` if given (else make sure
+        the slots hold the latest fast weights); ``ValueError`` if there are none."""
+        history = self._fast_params
         if params is not None:
             self.update_params(params)
-        elif self._fast_params is None:
+        elif history is None:
             raise ValueError(_NO_WEIGHTS)
+        elif history[-1] is not self._loft_written:
+            self._write(history[-1])
 
     def state_dict(self, *args: Any, destination: Any = None, prefix: str = "",
                    keep_vars: bool = False) -> dict[str, Any]:
@@ -806,7 +819,7 @@ class FunctionalModule(_MonkeyPatchBase):
         state["_loft_recurrent"] = [memo[id(m)] for m in self._loft_recurrent if id(m) in memo]
         state["_fast_params"] = [list(fast)]
         state["_times"] = [self._times[-1]]
-        root._write(list(fast))
+        root._write(state["_fast_params"][-1])
         return root  # type: ignore[return-value]
 
 
