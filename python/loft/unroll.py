@@ -108,13 +108,13 @@ def _private_copies(fmodel: FunctionalModule,
     The graph of a checkpointed unroll holds the runner (for the recomputation), and
     ``fmodel``'s history holds that graph: if the runner held ``fmodel`` itself, the two
     would form a cycle through autograd's nodes, which Python's collector cannot see, and
-    every such inner loop would stay in memory. The copies share the module (its
-    buffers), the hyperparameters and the layout, and nothing points back to the
-    originals.
+    every such inner loop would stay in memory. The model copy is ``fmodel``'s
+    independent twin (its own patched modules, parameter slots and history from the
+    current fast weights, and ``fmodel``'s own buffers, so BatchNorm statistics it
+    updates are ``fmodel``'s); the optimiser copy shares the hyperparameters and the
+    layout; nothing points back to the originals.
     """
-    f = copy.copy(fmodel)
-    object.__setattr__(f, "_fast_params", [list(fmodel.fast_params)])
-    object.__setattr__(f, "_times", [fmodel._times[-1]])
+    f = fmodel._twin()
     d = copy.copy(diffopt)
     d._fmodel = f
     d.param_groups = [dict(group) for group in diffopt.param_groups]
