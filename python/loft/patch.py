@@ -159,6 +159,11 @@ class _MonkeyPatchBase(nn.Module):
     #: The class this patched class derives from (set on each patched class).
     _loft_wrapped: type[nn.Module] = nn.Module
     _root_ref: Callable[[], FunctionalModule | None] | None = None
+    #: higher's submodules keep no history of their own (the root's is set per instance).
+    _fast_params: list[list[Tensor]] | None = None
+    _track_higher_grads: bool = True
+    #: Calls of the root's forward under way (for ``direct_submodule_call``).
+    _loft_calls: int = 0
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
         """Called with arguments, a patched class builds its original class: the
@@ -209,6 +214,18 @@ class _MonkeyPatchBase(nn.Module):
                                f"longer exists (keep a reference to the result of "
                                f"monkeypatch / innerloop_ctx while using its submodules)")
         return root
+
+    @property
+    def direct_submodule_call(self) -> bool:
+        """higher's ``direct_submodule_call``: whether a call now would be a direct call
+        (not one made by the root's forward). loft serves both the same way: every call
+        runs on the root's latest fast weights."""
+        return self._live_root()._loft_calls == 0
+
+    @property
+    def _original_params(self) -> Iterator[Tensor]:
+        """higher's ``_original_params``: the original module's parameters."""
+        return self._loft_source.parameters()  # type: ignore[attr-defined, no-any-return]
 
     @functools.cached_property
     def _param_mapping(self) -> list[int]:
@@ -453,6 +470,7 @@ class _Patcher:
         source = original.__dict__
         state = patched.__dict__
         state.update(source)
+        state["_loft_source"] = original
         for registry in _HOOK_REGISTRIES:
             state[registry] = OrderedDict()
         for flag, value in _HOOK_FLAGS:
@@ -527,7 +545,6 @@ def _build(module: nn.Module, device: torch.device | str | None,
     if parent_ref is not None:
         return root, patcher.originals  # type: ignore[return-value]
     state = root.__dict__
-    state["_loft_source"] = module
     state["_loft_slots"] = patcher.slots
     state["_loft_inner"] = patcher.inner
     state["_loft_recurrent"] = patcher.recurrent
@@ -745,7 +762,12 @@ class FunctionalModule(_MonkeyPatchBase):
             # The history was changed behind update_params' back (fmodel._fast_params
             # assigned or appended to, as higher allows): run on its latest entry.
             self._write(history[-1])
-        return self._loft_wrapped.forward(self, *args, **kwargs)
+        state = self.__dict__
+        state["_loft_calls"] = self._loft_calls + 1
+        try:
+            return self._loft_wrapped.forward(self, *args, **kwargs)
+        finally:
+            state["_loft_calls"] -= 1
 
     def boxed_forward(self, *args: Any, **kwargs: Any) -> Any:
         """higher's ``boxed_forward``: the original forward on the current fast weights."""
