@@ -698,9 +698,8 @@ class _FlatOptimizer(DifferentiableOptimizer):
                 _check_broadcast(f"param_groups[{g}][{self._hyper_key(name)!r}]", j, v, shape)
                 parts.append(v.to(device=b.device, dtype=dtype).broadcast_to(shape).reshape(-1))
             else:
-                scalar = v if isinstance(v, Tensor) else torch.tensor(float(v))
-                parts.append(scalar.to(device=b.device, dtype=dtype).reshape(1).expand(
-                    b.numels[pos]))
+                scalar = _scalar_tensor(v, dtype, b.device)
+                parts.append(scalar.reshape(1).expand(b.numels[pos]))
         flat = torch.cat(parts) if parts else torch.empty(0, dtype=dtype, device=b.device)
         self._elementwise_cache[(id(b), name)] = (key, flat)
         return flat
