@@ -36,7 +36,28 @@ LOFT_HOST_DEVICE inline SgdScalars<double> sgd_segment_scalars(double lr, double
   return {(flags & kSgdMaximize) ? -1.0 : 1.0, lr, momentum, 1.0 - dampening, weight_decay};
 }
 
-/// One SGD element, forward:
+/// The scalars of one element: s with lr and/or weight_decay replaced by the element's
+/// own values when lr_elementwise (has_lr) / weight_decay_elementwise (has_wd) is given.
+/// No other SGD scalar depends on them, so a per-element value equal to the group's gives
+/// the per-group results bit for bit. Run-time flags for a backend that compiles one loop
+/// for every combination (CUDA); the template below makes them compile-time.
+template <typename T>
+LOFT_HOST_DEVICE inline SgdScalars<T> sgd_element_scalars(SgdScalars<T> s, bool has_lr, T lr,
+                                                          bool has_wd, T weight_decay) {
+  if (has_lr) s.lr = lr;
+  if (has_wd) s.weight_decay = weight_decay;
+  return s;
+}
+
+template <bool kLr, bool kWd, typename T>
+LOFT_HOST_DEVICE inline SgdScalars<T> sgd_element_scalars(const SgdScalars<T>& s, T lr,
+                                                          T weight_decay) {
+  return sgd_element_scalars(s, kLr, lr, kWd, weight_decay);
+}
+
+/// One SGD element, forward, rounded as higher's per-tensor ops (`g + weight_decay * p`,
+/// `buf * momentum + (1 - dampening) * g`, `p + (-lr * d)`: every product and sum
+/// rounded apart, segments.h [note: rounding]):
 ///
 ///     g2 = (maximize ? -g : g) + weight_decay * p   (the term skipped when weight_decay == 0)
 ///     momentum:  b' = first ? g2 : momentum * b + (1 - dampening) * g2
@@ -70,6 +91,9 @@ struct SgdElementGrads {
 ///     D  = -lr * P
 ///     momentum:  B' = B + (nesterov ? momentum * D : D)
 ///                G2 = (nesterov ? D : 0) + (first ? B' : (1 - dampening) * B')
+///                     (first and nesterov: (B + D) + momentum * D, the order in which
+///                     autograd adds the three gradients reaching g2 = b' through
+///                     higher's ops, so that float32 results are the same bits)
 ///                grad_b = first ? 0 : momentum * B'
 ///     else:      G2 = D,  grad_b = B
 ///     grad_p = P + weight_decay * G2 (P when weight_decay == 0),  grad_g = maximize ? -G2 : G2
@@ -94,8 +118,12 @@ LOFT_HOST_DEVICE inline SgdElementGrads<T> sgd_backward(T P, T B, T p, T g, T b,
   r.dampening = T(0);
   if (kMomentum) {
     const T Bt = B + (kNesterov ? s.momentum * D : D);
-    const T from_b = kFirst ? Bt : s.one_minus_dampening * Bt;
-    G2 = kNesterov ? D + from_b : from_b;
+    if (kFirst) {
+      G2 = kNesterov ? (B + D) + s.momentum * D : Bt;
+    } else {
+      const T from_b = s.one_minus_dampening * Bt;
+      G2 = kNesterov ? D + from_b : from_b;
+    }
     r.momentum_buffer = kFirst ? T(0) : s.momentum * Bt;
     const T from_mom = kFirst ? T(0) : Bt * b;
     r.momentum = kNesterov ? from_mom + D * b_new : from_mom;
