@@ -11,11 +11,12 @@
 
 namespace loft {
 
-/// What the scalars that contain lr or weight_decay are made of, kept in float64 with the
-/// per-segment scalars: the group's own lr and weight_decay and the segment's bias
-/// correction. A per-element lr or weight_decay recomputes those scalars from it with
-/// adam_lr_terms(), the function the per-segment scalars use, so that a per-element
-/// value equal to the group's gives the same bits.
+/// What the scalars that contain lr or weight_decay are made of, per segment, in float64:
+/// the group's own lr and weight_decay and the segment's bias correction. A per-element
+/// lr or weight_decay recomputes those scalars from it with adam_lr_terms(), the function
+/// the per-segment scalars use, so that a per-element value equal to the group's gives
+/// the same bits. Kept apart from AdamScalars, which the loops copy per element: a larger
+/// struct is no longer split into registers and stops gcc vectorising the loop.
 struct AdamBasis {
   double lr;
   double weight_decay;
@@ -31,8 +32,8 @@ struct AdamLrTerms {
   double beta1_coef;  // lr * t * beta1^(t-1) / bc1^2
 };
 
-LOFT_HOST_DEVICE inline AdamLrTerms adam_lr_terms(double lr, double weight_decay,
-                                                  const AdamBasis& b) {
+LOFT_HOST_DEVICE LOFT_INLINE AdamLrTerms adam_lr_terms(double lr, double weight_decay,
+                                                       const AdamBasis& b) {
   // As torch.optim computes them from Python floats: 1 - lr * weight_decay (AdamW's
   // param.mul_ factor) and lr / bias_correction1 (addcdiv's value), each rounded to the
   // compute type once, when the caller casts.
@@ -59,27 +60,28 @@ struct AdamScalars {
   T inv_bc1;          // 1 / bc1
   T beta1_coef;       // d c / d beta1 = lr * t * beta1^(t-1) / bc1^2
   T beta2_coef;       // d d / d beta2 per unit s = 0.5 * t * beta2^(t-1) * bc2^(-3/2)
-  AdamBasis basis;    // float64, for per-element lr / weight_decay (adam_element_scalars)
 
   template <typename U>
   LOFT_HOST_DEVICE AdamScalars<U> cast() const {
-    return {static_cast<U>(sign),       static_cast<U>(lr),
-            static_cast<U>(beta1),      static_cast<U>(one_minus_beta1),
-            static_cast<U>(beta2),      static_cast<U>(one_minus_beta2),
-            static_cast<U>(eps),        static_cast<U>(weight_decay),
-            static_cast<U>(decay),      static_cast<U>(step_size),
-            static_cast<U>(sqrt_bc2),   static_cast<U>(inv_sqrt_bc2),
-            static_cast<U>(inv_bc1),    static_cast<U>(beta1_coef),
-            static_cast<U>(beta2_coef), basis};
+    return {static_cast<U>(sign),      static_cast<U>(lr),
+            static_cast<U>(beta1),     static_cast<U>(one_minus_beta1),
+            static_cast<U>(beta2),     static_cast<U>(one_minus_beta2),
+            static_cast<U>(eps),       static_cast<U>(weight_decay),
+            static_cast<U>(decay),     static_cast<U>(step_size),
+            static_cast<U>(sqrt_bc2),  static_cast<U>(inv_sqrt_bc2),
+            static_cast<U>(inv_bc1),   static_cast<U>(beta1_coef),
+            static_cast<U>(beta2_coef)};
   }
 };
 
 /// Per-segment Adam scalars in float64 for a segment that had `step` updates before
-/// this one (t = step + 1).
+/// this one (t = step + 1); with `basis`, also what a per-element lr or weight_decay
+/// needs (adam_set_element_scalars).
 LOFT_HOST_DEVICE inline AdamScalars<double> adam_segment_scalars(double lr, double beta1,
                                                                  double beta2, double eps,
                                                                  double weight_decay, int64_t flags,
-                                                                 int64_t step) {
+                                                                 int64_t step,
+                                                                 AdamBasis* basis = nullptr) {
   const int64_t t = step + 1;
   const double beta2_pow_tm1 = loft_pow(beta2, step);  // beta2^(t-1)
   // As torch.optim from Python floats: 1 - beta1 ** t, and bias_correction2 ** 0.5 (pow,
@@ -87,9 +89,10 @@ LOFT_HOST_DEVICE inline AdamScalars<double> adam_segment_scalars(double lr, doub
   const double bc1 = 1.0 - loft_pow(beta1, t);
   const double bc2 = 1.0 - loft_pow(beta2, t);
   const double sqrt_bc2 = ::pow(bc2, 0.5);
+  const AdamBasis b{lr, weight_decay, bc1, static_cast<double>(t), loft_pow(beta1, step)};
+  if (basis != nullptr) *basis = b;
+  const AdamLrTerms terms = adam_lr_terms(lr, weight_decay, b);
   AdamScalars<double> s;
-  s.basis = {lr, weight_decay, bc1, static_cast<double>(t), loft_pow(beta1, step)};
-  const AdamLrTerms terms = adam_lr_terms(lr, weight_decay, s.basis);
   s.sign = (flags & kAdamMaximize) ? -1.0 : 1.0;
   s.lr = lr;
   s.beta1 = beta1;
@@ -104,22 +107,24 @@ LOFT_HOST_DEVICE inline AdamScalars<double> adam_segment_scalars(double lr, doub
   s.inv_sqrt_bc2 = 1.0 / sqrt_bc2;
   s.inv_bc1 = 1.0 / bc1;
   s.beta1_coef = terms.beta1_coef;
-  s.beta2_coef = 0.5 * s.basis.t * beta2_pow_tm1 / (bc2 * sqrt_bc2);
+  s.beta2_coef = 0.5 * b.t * beta2_pow_tm1 / (bc2 * sqrt_bc2);
   return s;
 }
 
-/// The scalars of one element whose lr (has_lr) and/or weight_decay (has_wd) are its own
-/// values (lr_elementwise / weight_decay_elementwise): s with every scalar that contains
-/// them (decay, step_size, beta1_coef) recomputed in float64 by adam_lr_terms() from the
-/// element's values and the segment's basis (the group's float64 value for the one not
-/// given), and cast to T. The flags are run-time values for a backend that compiles one
-/// loop for every combination (CUDA); the template below makes them compile-time.
+/// Makes `s` (a copy of its segment's scalars) the scalars of one element whose lr
+/// (has_lr) and/or weight_decay (has_wd) are its own values (lr_elementwise /
+/// weight_decay_elementwise): every scalar that contains them (decay, step_size,
+/// beta1_coef) is recomputed in float64 by adam_lr_terms() from the element's values and
+/// the segment's basis (the group's float64 value for the one not given), and cast to T.
+/// In place, field by field: the loops keep one copy outside, as a copy of the whole
+/// struct per element stops gcc vectorising them.
 template <typename T>
-LOFT_HOST_DEVICE inline AdamScalars<T> adam_element_scalars(AdamScalars<T> s, bool has_lr, T lr,
-                                                            bool has_wd, T weight_decay) {
-  const double lr_d = has_lr ? static_cast<double>(lr) : s.basis.lr;
-  const double wd_d = has_wd ? static_cast<double>(weight_decay) : s.basis.weight_decay;
-  const AdamLrTerms terms = adam_lr_terms(lr_d, wd_d, s.basis);
+LOFT_HOST_DEVICE LOFT_INLINE void adam_set_element_scalars(AdamScalars<T>& s,
+                                                           const AdamBasis& basis, bool has_lr,
+                                                           T lr, bool has_wd, T weight_decay) {
+  const double lr_d = has_lr ? static_cast<double>(lr) : basis.lr;
+  const double wd_d = has_wd ? static_cast<double>(weight_decay) : basis.weight_decay;
+  const AdamLrTerms terms = adam_lr_terms(lr_d, wd_d, basis);
   if (has_lr) {
     s.lr = lr;
     s.step_size = static_cast<T>(terms.step_size);
@@ -127,15 +132,6 @@ LOFT_HOST_DEVICE inline AdamScalars<T> adam_element_scalars(AdamScalars<T> s, bo
   }
   if (has_wd) s.weight_decay = weight_decay;
   s.decay = static_cast<T>(terms.decay);
-  return s;
-}
-
-/// adam_element_scalars with compile-time flags kLr, kWd: s itself when neither is given.
-template <bool kLr, bool kWd, typename T>
-LOFT_HOST_DEVICE inline AdamScalars<T> adam_element_scalars(const AdamScalars<T>& s, T lr,
-                                                            T weight_decay) {
-  if (!kLr && !kWd) return s;
-  return adam_element_scalars(s, kLr, lr, kWd, weight_decay);
 }
 
 /// One Adam element, forward, rounded as torch.optim's single-tensor Adam (segments.h
@@ -154,8 +150,8 @@ LOFT_HOST_DEVICE inline AdamScalars<T> adam_element_scalars(const AdamScalars<T>
 ///
 /// vmax and vmax_out are only used when kAmsgrad.
 template <bool kAmsgrad, bool kDecoupled, typename T>
-LOFT_HOST_DEVICE inline void adam_forward(T p, T g, T m, T v, T vmax, const AdamScalars<T>& s,
-                                          T& p_out, T& m_out, T& v_out, T& vmax_out) {
+LOFT_HOST_DEVICE LOFT_INLINE void adam_forward(T p, T g, T m, T v, T vmax, const AdamScalars<T>& s,
+                                               T& p_out, T& m_out, T& v_out, T& vmax_out) {
   const T g1 = s.sign * g;
   const T g2 = kDecoupled ? g1 : loft_add_scaled_fused(g1, s.weight_decay, p);
   const T p0 = kDecoupled ? p * s.decay : p;
@@ -198,8 +194,9 @@ struct AdamElementGrads {
 /// vmax and X are only read when kAmsgrad (X is the pass-through otherwise, which the
 /// caller copies itself).
 template <bool kAmsgrad, bool kDecoupled, typename T>
-LOFT_HOST_DEVICE inline AdamElementGrads<T> adam_backward(T P, T M, T V, T X, T p, T g, T m, T v,
-                                                          T vmax, const AdamScalars<T>& s) {
+LOFT_HOST_DEVICE LOFT_INLINE AdamElementGrads<T> adam_backward(T P, T M, T V, T X, T p, T g, T m,
+                                                               T v, T vmax,
+                                                               const AdamScalars<T>& s) {
   // Recompute the forward.
   const T g1 = s.sign * g;
   const T g2 = kDecoupled ? g1 : loft_add_scaled_fused(g1, s.weight_decay, p);

@@ -36,23 +36,16 @@ LOFT_HOST_DEVICE inline SgdScalars<double> sgd_segment_scalars(double lr, double
   return {(flags & kSgdMaximize) ? -1.0 : 1.0, lr, momentum, 1.0 - dampening, weight_decay};
 }
 
-/// The scalars of one element: s with lr and/or weight_decay replaced by the element's
-/// own values when lr_elementwise (has_lr) / weight_decay_elementwise (has_wd) is given.
-/// No other SGD scalar depends on them, so a per-element value equal to the group's gives
-/// the per-group results bit for bit. Run-time flags for a backend that compiles one loop
-/// for every combination (CUDA); the template below makes them compile-time.
+/// Makes `s` (a copy of its segment's scalars) the scalars of one element whose lr
+/// (has_lr) and/or weight_decay (has_wd) are its own values (lr_elementwise /
+/// weight_decay_elementwise). No other SGD scalar depends on them, so a per-element value
+/// equal to the group's gives the per-group results bit for bit. In place: the loops keep
+/// one copy outside (a struct copy per element can stop gcc vectorising them).
 template <typename T>
-LOFT_HOST_DEVICE inline SgdScalars<T> sgd_element_scalars(SgdScalars<T> s, bool has_lr, T lr,
+LOFT_HOST_DEVICE LOFT_INLINE void sgd_set_element_scalars(SgdScalars<T>& s, bool has_lr, T lr,
                                                           bool has_wd, T weight_decay) {
   if (has_lr) s.lr = lr;
   if (has_wd) s.weight_decay = weight_decay;
-  return s;
-}
-
-template <bool kLr, bool kWd, typename T>
-LOFT_HOST_DEVICE inline SgdScalars<T> sgd_element_scalars(const SgdScalars<T>& s, T lr,
-                                                          T weight_decay) {
-  return sgd_element_scalars(s, kLr, lr, kWd, weight_decay);
 }
 
 /// One SGD element, forward, rounded as higher's per-tensor ops (`g + weight_decay * p`,
@@ -65,8 +58,8 @@ LOFT_HOST_DEVICE inline SgdScalars<T> sgd_element_scalars(const SgdScalars<T>& s
 ///     else:      b' = b,  d = g2
 ///     p' = p - lr * d
 template <bool kMomentum, bool kFirst, bool kNesterov, typename T>
-LOFT_HOST_DEVICE inline void sgd_forward(T p, T g, T b, const SgdScalars<T>& s, T& p_out,
-                                         T& b_out) {
+LOFT_HOST_DEVICE LOFT_INLINE void sgd_forward(T p, T g, T b, const SgdScalars<T>& s, T& p_out,
+                                              T& b_out) {
   const T g2 = loft_add_scaled(s.sign * g, s.weight_decay, p);
   T d = g2;
   b_out = b;
@@ -101,8 +94,8 @@ struct SgdElementGrads {
 ///     momentum += momentum ? (first ? 0 : B' * b) + (nesterov ? D * b' : 0) : 0
 ///     dampening += momentum and not first ? -B' * g2 : 0
 template <bool kMomentum, bool kFirst, bool kNesterov, typename T>
-LOFT_HOST_DEVICE inline SgdElementGrads<T> sgd_backward(T P, T B, T p, T g, T b,
-                                                        const SgdScalars<T>& s) {
+LOFT_HOST_DEVICE LOFT_INLINE SgdElementGrads<T> sgd_backward(T P, T B, T p, T g, T b,
+                                                             const SgdScalars<T>& s) {
   const T g2 = loft_add_scaled(s.sign * g, s.weight_decay, p);
   T d = g2;
   T b_new = b;

@@ -50,22 +50,35 @@ Segments check_adam_args(const char* op, const at::Tensor& params, const at::Ten
 }
 
 /// The per-segment scalars (bias corrections from the segment's own step), computed in
-/// float64 and cast to the compute type T.
+/// float64 and cast to the compute type T; with `bases`, also each segment's float64
+/// basis for per-element lr / weight_decay.
 template <typename T>
 std::vector<AdamScalars<T>> adam_scalars(const Segments& seg, const at::Tensor& lr,
                                          const at::Tensor& beta1, const at::Tensor& beta2,
                                          const at::Tensor& eps, const at::Tensor& weight_decay,
-                                         const at::Tensor& group_flags) {
+                                         const at::Tensor& group_flags,
+                                         std::vector<AdamBasis>* bases = nullptr) {
   const HyperValues lr_(lr), beta1_(beta1), beta2_(beta2), eps_(eps), wd_(weight_decay);
   const int64_t* flags = group_flags.data_ptr<int64_t>();
   std::vector<AdamScalars<T>> out(static_cast<size_t>(seg.count));
+  if (bases != nullptr) bases->resize(static_cast<size_t>(seg.count));
   for (int64_t s = 0; s < seg.count; ++s) {
     const int64_t g = seg.group(s);
-    out[s] =
-        adam_segment_scalars(lr_[g], beta1_[g], beta2_[g], eps_[g], wd_[g], flags[g], seg.step(s))
-            .template cast<T>();
+    out[s] = adam_segment_scalars(lr_[g], beta1_[g], beta2_[g], eps_[g], wd_[g], flags[g],
+                                  seg.step(s), bases != nullptr ? &(*bases)[s] : nullptr)
+                 .template cast<T>();
   }
   return out;
+}
+
+/// Makes `se` (a copy of the segment's scalars) element i's scalars when its lr and / or
+/// weight_decay are per element (kLr, kWd); nothing otherwise.
+template <bool kLr, bool kWd, typename T>
+inline void set_element_scalars(AdamScalars<T>& se, const AdamBasis& basis,
+                                const T* __restrict__ lr_e, const T* __restrict__ wd_e, int64_t i) {
+  if constexpr (kLr || kWd) {
+    adam_set_element_scalars(se, basis, kLr, kLr ? lr_e[i] : T(0), kWd, kWd ? wd_e[i] : T(0));
+  }
 }
 
 /// Forward over one chunk of an active segment; vmax is read and written only with
@@ -77,10 +90,11 @@ void adam_forward_chunk(int64_t n, const scalar_t* __restrict__ p, const scalar_
                         const scalar_t* __restrict__ vmax, const T* __restrict__ lr_e,
                         const T* __restrict__ wd_e, scalar_t* __restrict__ p_out,
                         scalar_t* __restrict__ m_out, scalar_t* __restrict__ v_out,
-                        scalar_t* __restrict__ vmax_out, const AdamScalars<T> s) {
+                        scalar_t* __restrict__ vmax_out, const AdamScalars<T> s,
+                        const AdamBasis basis) {
+  AdamScalars<T> se = s;  // the element's scalars: with kLr / kWd, updated per element
   for (int64_t i = 0; i < n; ++i) {
-    const AdamScalars<T> se =
-        adam_element_scalars<kLr, kWd>(s, kLr ? lr_e[i] : T(0), kWd ? wd_e[i] : T(0));
+    set_element_scalars<kLr, kWd>(se, basis, lr_e, wd_e, i);
     T p_new, m_new, v_new, vmax_new;
     adam_forward<kAmsgrad, kDecoupled>(T(p[i]), T(g[i]), T(m[i]), T(v[i]),
                                        kAmsgrad ? T(vmax[i]) : T(0), se, p_new, m_new, v_new,
@@ -98,10 +112,11 @@ void adam_forward_chunk_inplace(int64_t n, const scalar_t* __restrict__ p,
                                 const scalar_t* __restrict__ g, scalar_t* __restrict__ m,
                                 scalar_t* __restrict__ v, scalar_t* __restrict__ vmax,
                                 const T* __restrict__ lr_e, const T* __restrict__ wd_e,
-                                scalar_t* __restrict__ p_out, const AdamScalars<T> s) {
+                                scalar_t* __restrict__ p_out, const AdamScalars<T> s,
+                                const AdamBasis basis) {
+  AdamScalars<T> se = s;  // the element's scalars: with kLr / kWd, updated per element
   for (int64_t i = 0; i < n; ++i) {
-    const AdamScalars<T> se =
-        adam_element_scalars<kLr, kWd>(s, kLr ? lr_e[i] : T(0), kWd ? wd_e[i] : T(0));
+    set_element_scalars<kLr, kWd>(se, basis, lr_e, wd_e, i);
     T p_new, m_new, v_new, vmax_new;
     adam_forward<kAmsgrad, kDecoupled>(T(p[i]), T(g[i]), T(m[i]), T(v[i]),
                                        kAmsgrad ? T(vmax[i]) : T(0), se, p_new, m_new, v_new,
@@ -117,7 +132,7 @@ void adam_forward_chunk_inplace(int64_t n, const scalar_t* __restrict__ p,
 /// kAdamNumHyper hyperparameter terms to partial[0..4] (unless it is null). vmax, X and grad_vmax
 /// are used only with amsgrad (otherwise the caller copies X to grad_vmax). With a per-element lr
 /// (kLr) or weight_decay (kWd), their terms are written per element to grad_lr_e / grad_wd_e when
-/// those are not null (the gradient is wanted).
+/// those are not null (the gradient is wanted; kHyper is then set).
 template <bool kAmsgrad, bool kDecoupled, bool kHyper, bool kLr, bool kWd, typename scalar_t,
           typename T>
 void adam_backward_chunk(int64_t n, const scalar_t* __restrict__ P, const scalar_t* __restrict__ M,
@@ -129,15 +144,17 @@ void adam_backward_chunk(int64_t n, const scalar_t* __restrict__ P, const scalar
                          scalar_t* __restrict__ grad_g, scalar_t* __restrict__ grad_m,
                          scalar_t* __restrict__ grad_v, scalar_t* __restrict__ grad_vmax,
                          T* __restrict__ grad_lr_e, T* __restrict__ grad_wd_e,
-                         const AdamScalars<T> s, double* __restrict__ partial) {
+                         const AdamScalars<T> s, const AdamBasis basis,
+                         double* __restrict__ partial) {
+  static_assert(kHyper || !(kLr || kWd), "per-element gradients are hyperparameter terms");
   T lanes[kAdamNumHyper][kLanes] = {};
   T terms[kAdamNumHyper][kBlock];
+  AdamScalars<T> se = s;  // the element's scalars: with kLr / kWd, updated per element
   for (int64_t start = 0; start < n; start += kBlock) {
     const int64_t count = std::min(kBlock, n - start);
     for (int64_t j = 0; j < count; ++j) {
       const int64_t i = start + j;
-      const AdamScalars<T> se =
-          adam_element_scalars<kLr, kWd>(s, kLr ? lr_e[i] : T(0), kWd ? wd_e[i] : T(0));
+      set_element_scalars<kLr, kWd>(se, basis, lr_e, wd_e, i);
       const AdamElementGrads<T> r = adam_backward<kAmsgrad, kDecoupled>(
           T(P[i]), T(M[i]), T(V[i]), kAmsgrad ? T(X[i]) : T(0), T(p[i]), T(g[i]), T(m[i]), T(v[i]),
           kAmsgrad ? T(vmax[i]) : T(0), se);
@@ -146,8 +163,6 @@ void adam_backward_chunk(int64_t n, const scalar_t* __restrict__ P, const scalar
       grad_m[i] = scalar_t(r.exp_avg);
       grad_v[i] = scalar_t(r.exp_avg_sq);
       if (kAmsgrad) grad_vmax[i] = scalar_t(r.max_exp_avg_sq);
-      if (kLr && grad_lr_e != nullptr) grad_lr_e[i] = r.lr;
-      if (kWd && grad_wd_e != nullptr) grad_wd_e[i] = r.weight_decay;
       if (kHyper) {
         terms[0][j] = r.lr;
         terms[1][j] = r.beta1;
@@ -159,6 +174,10 @@ void adam_backward_chunk(int64_t n, const scalar_t* __restrict__ P, const scalar
     if (kHyper) {
       for (int k = 0; k < kAdamNumHyper; ++k) add_to_lanes(lanes[k], terms[k], count);
     }
+    // The per-element gradients are the block's lr / weight_decay terms (copied here, not
+    // stored in the loop above: a conditional store there stops gcc vectorising it).
+    if (kLr && grad_lr_e != nullptr) copy_elements(grad_lr_e + start, terms[0], count);
+    if (kWd && grad_wd_e != nullptr) copy_elements(grad_wd_e + start, terms[4], count);
   }
   if (kHyper && partial != nullptr) {
     for (int k = 0; k < kAdamNumHyper; ++k) partial[k] = sum_lanes(lanes[k]);
@@ -191,8 +210,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> adam_step_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, params.scalar_type(), "adam_step_cpu", [&] {
         using T = compute_t<scalar_t>;
+        std::vector<AdamBasis> bases;
         const std::vector<AdamScalars<T>> scalars =
-            adam_scalars<T>(seg, lr, beta1, beta2, eps, weight_decay, group_flags);
+            adam_scalars<T>(seg, lr, beta1, beta2, eps, weight_decay, group_flags,
+                            has_lr_e || has_wd_e ? &bases : nullptr);
+        const AdamBasis no_basis{};
         const Elementwise<T> elem =
             elementwise_data<T>(has_lr_e, lr_elementwise, has_wd_e, weight_decay_elementwise);
         const scalar_t* p = params.const_data_ptr<scalar_t>();
@@ -224,7 +246,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> adam_step_cpu(
                                    decltype(kLr)::value, decltype(kWd)::value>(
                     len, p + o, g + o, m + o, v + o, kAmsgrad ? vmax + o : nullptr,
                     kLr ? elem.lr + o : nullptr, kWd ? elem.weight_decay + o : nullptr, p_out + o,
-                    m_out + o, v_out + o, kAmsgrad ? vmax_out + o : nullptr, scalars[s]);
+                    m_out + o, v_out + o, kAmsgrad ? vmax_out + o : nullptr, scalars[s],
+                    bases.empty() ? no_basis : bases[s]);
               });
             });
           });
@@ -277,8 +300,11 @@ at::Tensor adam_step_inplace_cpu(const at::Tensor& params, const at::Tensor& gra
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, params.scalar_type(), "adam_step_inplace_cpu", [&] {
         using T = compute_t<scalar_t>;
+        std::vector<AdamBasis> bases;
         const std::vector<AdamScalars<T>> scalars =
-            adam_scalars<T>(seg, lr, beta1, beta2, eps, weight_decay, group_flags);
+            adam_scalars<T>(seg, lr, beta1, beta2, eps, weight_decay, group_flags,
+                            has_lr_e || has_wd_e ? &bases : nullptr);
+        const AdamBasis no_basis{};
         const Elementwise<T> elem =
             elementwise_data<T>(has_lr_e, lr_elementwise, has_wd_e, weight_decay_elementwise);
         const scalar_t* p = params.const_data_ptr<scalar_t>();
@@ -302,7 +328,7 @@ at::Tensor adam_step_inplace_cpu(const at::Tensor& params, const at::Tensor& gra
                                            decltype(kLr)::value, decltype(kWd)::value>(
                     len, p + o, g + o, m + o, v + o, kAmsgrad ? vmax + o : nullptr,
                     kLr ? elem.lr + o : nullptr, kWd ? elem.weight_decay + o : nullptr, p_out + o,
-                    scalars[s]);
+                    scalars[s], bases.empty() ? no_basis : bases[s]);
               });
             });
           });
@@ -360,8 +386,11 @@ adam_step_backward_cpu(const at::Tensor& grad_params_out, const at::Tensor& grad
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kHalf, at::kBFloat16, params.scalar_type(), "adam_step_backward_cpu", [&] {
           using T = compute_t<scalar_t>;
+          std::vector<AdamBasis> bases;
           const std::vector<AdamScalars<T>> scalars =
-              adam_scalars<T>(seg, lr, beta1, beta2, eps, weight_decay, group_flags);
+              adam_scalars<T>(seg, lr, beta1, beta2, eps, weight_decay, group_flags,
+                              has_lr_e || has_wd_e ? &bases : nullptr);
+          const AdamBasis no_basis{};
           const Elementwise<T> elem =
               elementwise_data<T>(has_lr_e, lr_elementwise, has_wd_e, weight_decay_elementwise);
           T* glr = grad_lr_e.numel() > 0 ? grad_lr_e.mutable_data_ptr<T>() : nullptr;
@@ -423,7 +452,8 @@ adam_step_backward_cpu(const at::Tensor& grad_params_out, const at::Tensor& grad
                         kAmsgrad ? vmax + o : nullptr, kLr ? elem.lr + o : nullptr,
                         kWd ? elem.weight_decay + o : nullptr, gp + o, gg + o, gm + o, gv + o,
                         kAmsgrad ? gx + o : nullptr, glr != nullptr ? glr + o : nullptr,
-                        gwd != nullptr ? gwd + o : nullptr, scalars[s], partial);
+                        gwd != nullptr ? gwd + o : nullptr, scalars[s],
+                        bases.empty() ? no_basis : bases[s], partial);
                   });
                 });
               });

@@ -83,9 +83,11 @@ void sgd_forward_chunk(int64_t n, const scalar_t* __restrict__ p, const scalar_t
                        const T* __restrict__ wd_e, scalar_t* __restrict__ p_out,
                        scalar_t* __restrict__ b_out, const SgdScalars<T> s) {
   constexpr bool kReadsBuffer = kMomentum && !kFirst;
+  SgdScalars<T> se = s;  // the element's scalars: with kLr / kWd, updated per element
   for (int64_t i = 0; i < n; ++i) {
-    const SgdScalars<T> se =
-        sgd_element_scalars<kLr, kWd>(s, kLr ? lr_e[i] : T(0), kWd ? wd_e[i] : T(0));
+    if constexpr (kLr || kWd) {
+      sgd_set_element_scalars(se, kLr, kLr ? lr_e[i] : T(0), kWd, kWd ? wd_e[i] : T(0));
+    }
     T p_new, b_new;
     sgd_forward<kMomentum, kFirst, kNesterov>(T(p[i]), T(g[i]), kReadsBuffer ? T(b[i]) : T(0), se,
                                               p_new, b_new);
@@ -97,7 +99,7 @@ void sgd_forward_chunk(int64_t n, const scalar_t* __restrict__ p, const scalar_t
 /// Backward over one chunk of an active segment; with kHyper, writes the chunk's sums of the
 /// kSgdNumHyper hyperparameter terms to partial[0..3] (unless it is null). With a per-element lr
 /// (kLr) or weight_decay (kWd), their terms are written per element to grad_lr_e / grad_wd_e when
-/// those are not null (the gradient is wanted).
+/// those are not null (the gradient is wanted; kHyper is then set).
 template <bool kMomentum, bool kFirst, bool kNesterov, bool kHyper, bool kLr, bool kWd,
           typename scalar_t, typename T>
 void sgd_backward_chunk(int64_t n, const scalar_t* __restrict__ P, const scalar_t* __restrict__ B,
@@ -107,22 +109,23 @@ void sgd_backward_chunk(int64_t n, const scalar_t* __restrict__ P, const scalar_
                         scalar_t* __restrict__ grad_g, scalar_t* __restrict__ grad_b,
                         T* __restrict__ grad_lr_e, T* __restrict__ grad_wd_e, const SgdScalars<T> s,
                         double* __restrict__ partial) {
+  static_assert(kHyper || !(kLr || kWd), "per-element gradients are hyperparameter terms");
   constexpr bool kReadsBuffer = kMomentum && !kFirst;
   T lanes[kSgdNumHyper][kLanes] = {};
   T terms[kSgdNumHyper][kBlock];
+  SgdScalars<T> se = s;  // the element's scalars: with kLr / kWd, updated per element
   for (int64_t start = 0; start < n; start += kBlock) {
     const int64_t count = std::min(kBlock, n - start);
     for (int64_t j = 0; j < count; ++j) {
       const int64_t i = start + j;
-      const SgdScalars<T> se =
-          sgd_element_scalars<kLr, kWd>(s, kLr ? lr_e[i] : T(0), kWd ? wd_e[i] : T(0));
+      if constexpr (kLr || kWd) {
+        sgd_set_element_scalars(se, kLr, kLr ? lr_e[i] : T(0), kWd, kWd ? wd_e[i] : T(0));
+      }
       const SgdElementGrads<T> r = sgd_backward<kMomentum, kFirst, kNesterov>(
           T(P[i]), kMomentum ? T(B[i]) : T(0), T(p[i]), T(g[i]), kReadsBuffer ? T(b[i]) : T(0), se);
       grad_p[i] = scalar_t(r.params);
       grad_g[i] = scalar_t(r.grads);
       if (kMomentum) grad_b[i] = scalar_t(r.momentum_buffer);
-      if (kLr && grad_lr_e != nullptr) grad_lr_e[i] = r.lr;
-      if (kWd && grad_wd_e != nullptr) grad_wd_e[i] = r.weight_decay;
       if (kHyper) {
         terms[0][j] = r.lr;
         terms[1][j] = r.momentum;
@@ -133,6 +136,10 @@ void sgd_backward_chunk(int64_t n, const scalar_t* __restrict__ P, const scalar_
     if (kHyper) {
       for (int k = 0; k < kSgdNumHyper; ++k) add_to_lanes(lanes[k], terms[k], count);
     }
+    // The per-element gradients are the block's lr / weight_decay terms (copied here, not
+    // stored in the loop above: a conditional store there stops gcc vectorising it).
+    if (kLr && grad_lr_e != nullptr) copy_elements(grad_lr_e + start, terms[0], count);
+    if (kWd && grad_wd_e != nullptr) copy_elements(grad_wd_e + start, terms[3], count);
   }
   if (kHyper && partial != nullptr) {
     for (int k = 0; k < kSgdNumHyper; ++k) partial[k] = sum_lanes(lanes[k]);

@@ -16,9 +16,18 @@ namespace {
 /// per run of tiles of a segment, its cost is the call).
 __device__ __noinline__ AdamScalars<double> adam_scalars_f64(double lr, double beta1, double beta2,
                                                              double eps, double weight_decay,
-                                                             int64_t flags, int64_t step) {
-  return adam_segment_scalars(lr, beta1, beta2, eps, weight_decay, flags, step);
+                                                             int64_t flags, int64_t step,
+                                                             AdamBasis* basis) {
+  return adam_segment_scalars(lr, beta1, beta2, eps, weight_decay, flags, step, basis);
 }
+
+/// One segment's scalars in the compute type T and the float64 basis of per-element lr /
+/// weight_decay (what a block keeps in shared memory per segment).
+template <typename T>
+struct AdamSegment {
+  AdamScalars<T> scalars;
+  AdamBasis basis;
+};
 
 template <typename S>
 struct AdamHyperOf {
@@ -44,12 +53,15 @@ struct AdamHyperOf {
         wd_e(static_cast<const compute_t<S>*>(h.weight_decay_elementwise)) {}
 
   /// The scalars of a segment of group g with `step` earlier updates (bias corrections
-  /// in double, as the CPU op), cast to compute_t<S>.
-  __device__ AdamScalars<compute_t<S>> scalars(int64_t g, int64_t step) const {
-    return adam_scalars_f64(hyper_value(lr, is_double, g), hyper_value(beta1, is_double, g),
-                            hyper_value(beta2, is_double, g), hyper_value(eps, is_double, g),
-                            hyper_value(weight_decay, is_double, g), flags[g], step)
-        .template cast<compute_t<S>>();
+  /// in double, as the CPU op), cast to compute_t<S>, and its float64 basis.
+  __device__ AdamSegment<compute_t<S>> segment(int64_t g, int64_t step) const {
+    AdamSegment<compute_t<S>> out;
+    out.scalars =
+        adam_scalars_f64(hyper_value(lr, is_double, g), hyper_value(beta1, is_double, g),
+                         hyper_value(beta2, is_double, g), hyper_value(eps, is_double, g),
+                         hyper_value(weight_decay, is_double, g), flags[g], step, &out.basis)
+            .template cast<compute_t<S>>();
+    return out;
   }
 };
 
@@ -98,11 +110,12 @@ struct BackwardArgs {
 /// Forward over [lo, hi) of an active segment; without amsgrad, vmax (if any) is copied
 /// through. kElementwise: the kernel variant for calls with lr_elementwise and/or
 /// weight_decay_elementwise, whose values replace the segment's, with the scalars that
-/// contain them (adam_element_scalars; which one is given is a grid-uniform branch).
+/// contain them (adam_set_element_scalars; which one is given is a grid-uniform branch).
 template <bool kAmsgrad, bool kDecoupled, bool kElementwise, typename S>
 __device__ __forceinline__ void forward_range(const ForwardArgs<S>& a, int64_t lo, int64_t hi,
-                                              bool vector, const AdamScalars<compute_t<S>>& s) {
+                                              bool vector, const AdamSegment<compute_t<S>>& seg) {
   using T = compute_t<S>;
+  const AdamScalars<T>& s = seg.scalars;
   walk<S>(lo, hi, [&](int64_t i, int valid) {
     const Pack<S> p = load_pack(a.p, i, valid, vector);
     const Pack<S> g = load_pack(a.g, i, valid, vector);
@@ -114,10 +127,11 @@ __device__ __forceinline__ void forward_range(const ForwardArgs<S>& a, int64_t l
     Pack<S> p_out, m_out, v_out, vmax_out;
 #pragma unroll
     for (int e = 0; e < kVec<S>; ++e) {
-      const AdamScalars<T> se = kElementwise
-                                    ? adam_element_scalars(s, a.hyper.lr_e != nullptr, lr_e.v[e],
-                                                           a.hyper.wd_e != nullptr, wd_e.v[e])
-                                    : s;
+      AdamScalars<T> se = s;
+      if (kElementwise) {
+        adam_set_element_scalars(se, seg.basis, a.hyper.lr_e != nullptr, lr_e.v[e],
+                                 a.hyper.wd_e != nullptr, wd_e.v[e]);
+      }
       T p_new, m_new, v_new, vmax_new;
       adam_forward<kAmsgrad, kDecoupled>(to_compute(p.v[e]), to_compute(g.v[e]), to_compute(m.v[e]),
                                          to_compute(v.v[e]), to_compute(vmax.v[e]), se, p_new,
@@ -137,7 +151,7 @@ __device__ __forceinline__ void forward_range(const ForwardArgs<S>& a, int64_t l
 template <typename S, bool kElementwise>
 __global__ void __launch_bounds__(kThreads) adam_step_kernel(const ForwardArgs<S> a) {
   using T = compute_t<S>;
-  __shared__ AdamScalars<T> slot;
+  __shared__ AdamSegment<T> slot;
   __shared__ int64_t slot_segment;
   if (threadIdx.x == 0) slot_segment = -1;
   __syncthreads();
@@ -152,8 +166,8 @@ __global__ void __launch_bounds__(kThreads) adam_step_kernel(const ForwardArgs<S
         }
         const int64_t group = row[kSegmentGroup];
         const int64_t step = row[kSegmentStep];
-        const AdamScalars<T> scalars =
-            block_scalars(slot, slot_segment, s, [&] { return a.hyper.scalars(group, step); });
+        const AdamSegment<T> scalars =
+            block_scalars(slot, slot_segment, s, [&] { return a.hyper.segment(group, step); });
         const int64_t f = a.hyper.flags[group];
         with_bool((f & kAdamAmsgrad) != 0, [&](auto kAmsgrad) {
           with_bool((f & kAdamDecoupled) != 0, [&](auto kDecoupled) {
@@ -172,9 +186,10 @@ __global__ void __launch_bounds__(kThreads) adam_step_kernel(const ForwardArgs<S
 /// where wanted.
 template <bool kAmsgrad, bool kDecoupled, bool kElementwise, typename S>
 __device__ __forceinline__ void backward_range(const BackwardArgs<S>& a, int64_t lo, int64_t hi,
-                                               bool vector, const AdamScalars<compute_t<S>>& s,
+                                               bool vector, const AdamSegment<compute_t<S>>& seg,
                                                compute_t<S> (&acc)[kAdamNumHyper]) {
   using T = compute_t<S>;
+  const AdamScalars<T>& s = seg.scalars;
   const S* vmax_in = kAmsgrad ? a.vmax : nullptr;
   walk<S>(lo, hi, [&](int64_t i, int valid) {
     const Pack<S> P = load_pack(a.P, i, valid, vector);
@@ -192,10 +207,11 @@ __device__ __forceinline__ void backward_range(const BackwardArgs<S>& a, int64_t
     ComputePack<S> glr, gwd;
 #pragma unroll
     for (int e = 0; e < kVec<S>; ++e) {
-      const AdamScalars<T> se = kElementwise
-                                    ? adam_element_scalars(s, a.hyper.lr_e != nullptr, lr_e.v[e],
-                                                           a.hyper.wd_e != nullptr, wd_e.v[e])
-                                    : s;
+      AdamScalars<T> se = s;
+      if (kElementwise) {
+        adam_set_element_scalars(se, seg.basis, a.hyper.lr_e != nullptr, lr_e.v[e],
+                                 a.hyper.wd_e != nullptr, wd_e.v[e]);
+      }
       const AdamElementGrads<T> r = adam_backward<kAmsgrad, kDecoupled>(
           to_compute(P.v[e]), to_compute(M.v[e]), to_compute(V.v[e]), to_compute(X.v[e]),
           to_compute(p.v[e]), to_compute(g.v[e]), to_compute(m.v[e]), to_compute(v.v[e]),
@@ -230,7 +246,7 @@ __device__ __forceinline__ void backward_range(const BackwardArgs<S>& a, int64_t
 template <typename S, bool kElementwise>
 __global__ void __launch_bounds__(kThreads) adam_step_backward_kernel(const BackwardArgs<S> a) {
   using T = compute_t<S>;
-  __shared__ AdamScalars<T> slot;
+  __shared__ AdamSegment<T> slot;
   __shared__ int64_t slot_segment;
   __shared__ double red[kWarps][kMaxHyper];
   if (threadIdx.x == 0) slot_segment = -1;
@@ -252,8 +268,8 @@ __global__ void __launch_bounds__(kThreads) adam_step_backward_kernel(const Back
         }
         const int64_t group = row[kSegmentGroup];
         const int64_t step = row[kSegmentStep];
-        const AdamScalars<T> scalars =
-            block_scalars(slot, slot_segment, s, [&] { return a.hyper.scalars(group, step); });
+        const AdamSegment<T> scalars =
+            block_scalars(slot, slot_segment, s, [&] { return a.hyper.segment(group, step); });
         const int64_t f = a.hyper.flags[group];
         T acc[kAdamNumHyper] = {};
         with_bool((f & kAdamAmsgrad) != 0, [&](auto kAmsgrad) {

@@ -105,10 +105,11 @@ __device__ __forceinline__ void forward_range(const ForwardArgs<S>& a, int64_t l
     Pack<S> p_out, b_out;
 #pragma unroll
     for (int e = 0; e < kVec<S>; ++e) {
-      const SgdScalars<T> se = kElementwise
-                                   ? sgd_element_scalars(s, a.hyper.lr_e != nullptr, lr_e.v[e],
-                                                         a.hyper.wd_e != nullptr, wd_e.v[e])
-                                   : s;
+      SgdScalars<T> se = s;
+      if (kElementwise) {
+        sgd_set_element_scalars(se, a.hyper.lr_e != nullptr, lr_e.v[e], a.hyper.wd_e != nullptr,
+                                wd_e.v[e]);
+      }
       T p_new, b_new;
       sgd_forward<kMomentum, kFirst, kNesterov>(to_compute(p.v[e]), to_compute(g.v[e]),
                                                 to_compute(bv.v[e]), se, p_new, b_new);
@@ -169,10 +170,11 @@ __device__ __forceinline__ void backward_range(const BackwardArgs<S>& a, int64_t
     ComputePack<S> glr, gwd;
 #pragma unroll
     for (int e = 0; e < kVec<S>; ++e) {
-      const SgdScalars<T> se = kElementwise
-                                   ? sgd_element_scalars(s, a.hyper.lr_e != nullptr, lr_e.v[e],
-                                                         a.hyper.wd_e != nullptr, wd_e.v[e])
-                                   : s;
+      SgdScalars<T> se = s;
+      if (kElementwise) {
+        sgd_set_element_scalars(se, a.hyper.lr_e != nullptr, lr_e.v[e], a.hyper.wd_e != nullptr,
+                                wd_e.v[e]);
+      }
       const SgdElementGrads<T> r = sgd_backward<kMomentum, kFirst, kNesterov>(
           to_compute(P.v[e]), to_compute(B.v[e]), to_compute(p.v[e]), to_compute(g.v[e]),
           to_compute(bv.v[e]), se);
