@@ -171,7 +171,7 @@ void adam_backward_chunk(int64_t n, const scalar_t* __restrict__ P, const scalar
         terms[4][j] = r.weight_decay;
       }
     }
-    if (kHyper) {
+    if (kHyper && partial != nullptr) {  // [G] gradients wanted
       for (int k = 0; k < kAdamNumHyper; ++k) add_to_lanes(lanes[k], terms[k], count);
     }
     // The per-element gradients are the block's lr / weight_decay terms (copied here, not

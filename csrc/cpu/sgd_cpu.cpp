@@ -133,7 +133,7 @@ void sgd_backward_chunk(int64_t n, const scalar_t* __restrict__ P, const scalar_
         terms[3][j] = r.weight_decay;
       }
     }
-    if (kHyper) {
+    if (kHyper && partial != nullptr) {  // [G] gradients wanted
       for (int k = 0; k < kSgdNumHyper; ++k) add_to_lanes(lanes[k], terms[k], count);
     }
     // The per-element gradients are the block's lr / weight_decay terms (copied here, not
