@@ -85,3 +85,41 @@ def test_adam_step_backward_with_hyper_grads(benchmark: Any, fused_ops: None, n:
     inputs = _adam_inputs(n)
     upstream = [torch.randn(n), torch.randn(n), torch.randn(n), torch.empty(0)]
     benchmark(torch.ops.loft.adam_step_backward, *upstream, *inputs, 0b11111)
+
+
+# Per-element lr (Meta-SGD): one more [N] buffer read in the forward, its gradient written
+# in the backward. Compare with the per-group rows of the same n.
+
+
+@pytest.mark.parametrize("n", [10**6], ids=["n=1e6"])
+def test_sgd_step_forward_lr_elementwise(benchmark: Any, fused_ops: None, n: int) -> None:
+    inputs = _sgd_inputs(n)
+    lr_elementwise = torch.full((n,), 0.01)
+    benchmark.extra_info["bytes"] = 6 * 4 * n  # read p, g, b, lr; write p', b'
+    benchmark(torch.ops.loft.sgd_step, *inputs, lr_elementwise)
+
+
+@pytest.mark.parametrize("n", [10**6], ids=["n=1e6"])
+def test_sgd_step_backward_lr_elementwise(benchmark: Any, fused_ops: None, n: int) -> None:
+    inputs = _sgd_inputs(n)
+    upstream = [torch.randn(n), torch.randn(n)]
+    lr_elementwise = torch.full((n,), 0.01)
+    benchmark.extra_info["bytes"] = 10 * 4 * n  # read 2 upstream, p, g, b, lr; write 4 grads
+    benchmark(torch.ops.loft.sgd_step_backward, *upstream, *inputs, 0b10000, lr_elementwise)
+
+
+@pytest.mark.parametrize("n", [10**6], ids=["n=1e6"])
+def test_adam_step_forward_lr_elementwise(benchmark: Any, fused_ops: None, n: int) -> None:
+    inputs = _adam_inputs(n)
+    lr_elementwise = torch.full((n,), 1e-3)
+    benchmark.extra_info["bytes"] = 8 * 4 * n  # read p, g, m, v, lr; write p', m', v'
+    benchmark(torch.ops.loft.adam_step, *inputs, lr_elementwise)
+
+
+@pytest.mark.parametrize("n", [10**6], ids=["n=1e6"])
+def test_adam_step_backward_lr_elementwise(benchmark: Any, fused_ops: None, n: int) -> None:
+    inputs = _adam_inputs(n)
+    upstream = [torch.randn(n), torch.randn(n), torch.randn(n), torch.empty(0)]
+    lr_elementwise = torch.full((n,), 1e-3)
+    benchmark.extra_info["bytes"] = 13 * 4 * n  # read 3 upstream, p, g, m, v, lr; write 5
+    benchmark(torch.ops.loft.adam_step_backward, *upstream, *inputs, 0b100000, lr_elementwise)

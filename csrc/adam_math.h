@@ -11,6 +11,35 @@
 
 namespace loft {
 
+/// What the scalars that contain lr or weight_decay are made of, per segment, in float64:
+/// the group's own lr and weight_decay and the segment's bias correction. A per-element
+/// lr or weight_decay recomputes those scalars from it with adam_lr_terms(), the function
+/// the per-segment scalars use, so that a per-element value equal to the group's gives
+/// the same bits. Kept apart from AdamScalars, which the loops copy per element: a larger
+/// struct is no longer split into registers and stops gcc vectorising the loop.
+struct AdamBasis {
+  double lr;
+  double weight_decay;
+  double bc1;            // 1 - beta1^t
+  double t;              // t = step + 1
+  double beta1_pow_tm1;  // beta1^(t-1)
+};
+
+/// The Adam scalars that contain lr or weight_decay, in float64.
+struct AdamLrTerms {
+  double decay;       // 1 - lr * weight_decay
+  double step_size;   // lr / bc1
+  double beta1_coef;  // lr * t * beta1^(t-1) / bc1^2
+};
+
+LOFT_HOST_DEVICE LOFT_INLINE AdamLrTerms adam_lr_terms(double lr, double weight_decay,
+                                                       const AdamBasis& b) {
+  // As torch.optim computes them from Python floats: 1 - lr * weight_decay (AdamW's
+  // param.mul_ factor) and lr / bias_correction1 (addcdiv's value), each rounded to the
+  // compute type once, when the caller casts.
+  return {1.0 - lr * weight_decay, lr / b.bc1, lr * b.t * b.beta1_pow_tm1 / (b.bc1 * b.bc1)};
+}
+
 /// The per-segment scalars of one Adam step, in a compute type T. They depend on the
 /// group's hyperparameters and on the segment's own step count; build them in double
 /// with adam_segment_scalars() and cast once per segment.
@@ -46,18 +75,23 @@ struct AdamScalars {
 };
 
 /// Per-segment Adam scalars in float64 for a segment that had `step` updates before
-/// this one (t = step + 1).
+/// this one (t = step + 1); with `basis`, also what a per-element lr or weight_decay
+/// needs (adam_set_element_scalars).
 LOFT_HOST_DEVICE inline AdamScalars<double> adam_segment_scalars(double lr, double beta1,
                                                                  double beta2, double eps,
                                                                  double weight_decay, int64_t flags,
-                                                                 int64_t step) {
+                                                                 int64_t step,
+                                                                 AdamBasis* basis = nullptr) {
   const int64_t t = step + 1;
-  const double beta1_pow_tm1 = loft_pow(beta1, step);  // beta1^(t-1)
-  const double beta2_pow_tm1 = loft_pow(beta2, step);
-  const double bc1 = 1.0 - loft_pow(beta1, t);  // as torch.optim: 1 - beta1 ** t
+  const double beta2_pow_tm1 = loft_pow(beta2, step);  // beta2^(t-1)
+  // As torch.optim from Python floats: 1 - beta1 ** t, and bias_correction2 ** 0.5 (pow,
+  // not sqrt: the two may differ in the last bit).
+  const double bc1 = 1.0 - loft_pow(beta1, t);
   const double bc2 = 1.0 - loft_pow(beta2, t);
-  const double sqrt_bc2 = loft_sqrt(bc2);
-  const double td = static_cast<double>(t);
+  const double sqrt_bc2 = ::pow(bc2, 0.5);
+  const AdamBasis b{lr, weight_decay, bc1, static_cast<double>(t), loft_pow(beta1, step)};
+  if (basis != nullptr) *basis = b;
+  const AdamLrTerms terms = adam_lr_terms(lr, weight_decay, b);
   AdamScalars<double> s;
   s.sign = (flags & kAdamMaximize) ? -1.0 : 1.0;
   s.lr = lr;
@@ -67,37 +101,62 @@ LOFT_HOST_DEVICE inline AdamScalars<double> adam_segment_scalars(double lr, doub
   s.one_minus_beta2 = 1.0 - beta2;
   s.eps = eps;
   s.weight_decay = weight_decay;
-  s.decay = 1.0 - lr * weight_decay;
-  s.step_size = lr / bc1;
+  s.decay = terms.decay;
+  s.step_size = terms.step_size;
   s.sqrt_bc2 = sqrt_bc2;
   s.inv_sqrt_bc2 = 1.0 / sqrt_bc2;
   s.inv_bc1 = 1.0 / bc1;
-  s.beta1_coef = lr * td * beta1_pow_tm1 / (bc1 * bc1);
-  s.beta2_coef = 0.5 * td * beta2_pow_tm1 / (bc2 * sqrt_bc2);
+  s.beta1_coef = terms.beta1_coef;
+  s.beta2_coef = 0.5 * b.t * beta2_pow_tm1 / (bc2 * sqrt_bc2);
   return s;
 }
 
-/// One Adam element, forward:
+/// Makes `s` (a copy of its segment's scalars) the scalars of one element whose lr
+/// (has_lr) and/or weight_decay (has_wd) are its own values (lr_elementwise /
+/// weight_decay_elementwise): every scalar that contains them (decay, step_size,
+/// beta1_coef) is recomputed in float64 by adam_lr_terms() from the element's values and
+/// the segment's basis (the group's float64 value for the one not given), and cast to T.
+/// In place, field by field: the loops keep one copy outside, as a copy of the whole
+/// struct per element stops gcc vectorising them.
+template <typename T>
+LOFT_HOST_DEVICE LOFT_INLINE void adam_set_element_scalars(AdamScalars<T>& s,
+                                                           const AdamBasis& basis, bool has_lr,
+                                                           T lr, bool has_wd, T weight_decay) {
+  const double lr_d = has_lr ? static_cast<double>(lr) : basis.lr;
+  const double wd_d = has_wd ? static_cast<double>(weight_decay) : basis.weight_decay;
+  const AdamLrTerms terms = adam_lr_terms(lr_d, wd_d, basis);
+  if (has_lr) {
+    s.lr = lr;
+    s.step_size = static_cast<T>(terms.step_size);
+    s.beta1_coef = static_cast<T>(terms.beta1_coef);
+  }
+  if (has_wd) s.weight_decay = weight_decay;
+  s.decay = static_cast<T>(terms.decay);
+}
+
+/// One Adam element, forward, rounded as torch.optim's single-tensor Adam (segments.h
+/// [note: rounding]; f(...) marks one rounding of a fused multiply-add):
 ///
 ///     g1 = maximize ? -g : g
-///     decoupled: g2 = g1,                    p0 = p * (1 - lr * weight_decay)
-///     else:      g2 = g1 + weight_decay * p, p0 = p   (no term when weight_decay == 0)
-///     m' = beta1 * m + (1 - beta1) * g2       (as torch.lerp(m, g2, 1 - beta1))
-///     v' = beta2 * v + (1 - beta2) * g2^2
+///     decoupled: g2 = g1,                       p0 = p * (1 - lr * weight_decay)
+///     else:      g2 = f(g1 + weight_decay * p), p0 = p   (grad.add(p, alpha=wd);
+///                                                         no term when weight_decay == 0)
+///     m' = f(m + (1 - beta1) * (g2 - m))      (torch.lerp(m, g2, 1 - beta1), loft_lerp)
+///     v' = f(beta2 * v + ((1 - beta2) * g2) * g2)   (v.mul_(beta2).addcmul_(g2, g2, ...))
 ///     u  = amsgrad ? max(vmax, v') : v'      (NaN-propagating; vmax' = u; without
 ///                                             amsgrad vmax' = vmax)
 ///     d  = sqrt(u) / sqrt(bc2) + eps
-///     p' = p0 - (lr / bc1) * m' / d
+///     p' = p0 - ((lr / bc1) * m') / d        (addcdiv_(m', d, value=-lr / bc1))
 ///
 /// vmax and vmax_out are only used when kAmsgrad.
 template <bool kAmsgrad, bool kDecoupled, typename T>
-LOFT_HOST_DEVICE inline void adam_forward(T p, T g, T m, T v, T vmax, const AdamScalars<T>& s,
-                                          T& p_out, T& m_out, T& v_out, T& vmax_out) {
+LOFT_HOST_DEVICE LOFT_INLINE void adam_forward(T p, T g, T m, T v, T vmax, const AdamScalars<T>& s,
+                                               T& p_out, T& m_out, T& v_out, T& vmax_out) {
   const T g1 = s.sign * g;
-  const T g2 = kDecoupled ? g1 : loft_add_scaled(g1, s.weight_decay, p);
+  const T g2 = kDecoupled ? g1 : loft_add_scaled_fused(g1, s.weight_decay, p);
   const T p0 = kDecoupled ? p * s.decay : p;
   m_out = loft_lerp(m, g2, s.one_minus_beta1);
-  v_out = s.beta2 * v + s.one_minus_beta2 * g2 * g2;  // ((1 - beta2) g2) g2, as torch's addcmul
+  v_out = loft_fma(s.one_minus_beta2 * g2, g2, s.beta2 * v);
   T u = v_out;
   if (kAmsgrad) {
     u = loft_maximum(vmax, v_out);
@@ -135,13 +194,14 @@ struct AdamElementGrads {
 /// vmax and X are only read when kAmsgrad (X is the pass-through otherwise, which the
 /// caller copies itself).
 template <bool kAmsgrad, bool kDecoupled, typename T>
-LOFT_HOST_DEVICE inline AdamElementGrads<T> adam_backward(T P, T M, T V, T X, T p, T g, T m, T v,
-                                                          T vmax, const AdamScalars<T>& s) {
+LOFT_HOST_DEVICE LOFT_INLINE AdamElementGrads<T> adam_backward(T P, T M, T V, T X, T p, T g, T m,
+                                                               T v, T vmax,
+                                                               const AdamScalars<T>& s) {
   // Recompute the forward.
   const T g1 = s.sign * g;
-  const T g2 = kDecoupled ? g1 : loft_add_scaled(g1, s.weight_decay, p);
+  const T g2 = kDecoupled ? g1 : loft_add_scaled_fused(g1, s.weight_decay, p);
   const T m_new = loft_lerp(m, g2, s.one_minus_beta1);
-  const T v_new = s.beta2 * v + s.one_minus_beta2 * g2 * g2;
+  const T v_new = loft_fma(s.one_minus_beta2 * g2, g2, s.beta2 * v);
   const T u = kAmsgrad ? loft_maximum(vmax, v_new) : v_new;
   const T sq = loft_sqrt(u);
   const T d = sq / s.sqrt_bc2 + s.eps;

@@ -8,6 +8,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <optional>
 
 #include "segments.h"
 
@@ -80,19 +81,56 @@ inline void check_group_flags_values(const char* op, const int64_t* flags, int64
   }
 }
 
-/// A hyperparameter: [G], float64 for float64 buffers and float32 otherwise, contiguous,
+/// The compute dtype of params: float64 for float64 params, float32 otherwise. It is the
+/// dtype of the per-element hyperparameters (lr_elementwise, weight_decay_elementwise)
+/// and of their gradients.
+inline at::ScalarType compute_dtype(const at::Tensor& params) {
+  return params.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+/// The dtype of the [G] hyperparameters: that of lr, which may be the compute dtype of
+/// params or float64 (for any params: the per-segment scalars are computed in float64,
+/// so float64 values round once, as torch.optim's Python-number hyperparameters do).
+inline at::ScalarType check_hyper_dtype(const char* op, const at::Tensor& lr,
+                                        const at::Tensor& params) {
+  const auto want = compute_dtype(params);
+  TORCH_CHECK(lr.scalar_type() == want || lr.scalar_type() == at::kDouble, op,
+              ": lr must have dtype ", want, " or Double for ", params.scalar_type(),
+              " params, got ", lr.scalar_type());
+  return lr.scalar_type();
+}
+
+/// A hyperparameter: [G], of dtype `dtype` (check_hyper_dtype: that of lr), contiguous,
 /// on the device of params.
 inline void check_hyper(const char* op, const char* name, const at::Tensor& t,
-                        const at::Tensor& params, int64_t groups) {
-  const auto want = params.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+                        const at::Tensor& params, int64_t groups, at::ScalarType dtype) {
   TORCH_CHECK(t.dim() == 1, op, ": ", name, " must be 1-D, got shape ", t.sizes());
   TORCH_CHECK(t.numel() == groups, op, ": ", name, " must have ", groups,
               " elements (one per group, as group_flags), got ", t.numel());
-  TORCH_CHECK(t.scalar_type() == want, op, ": ", name, " must have dtype ", want, " for ",
-              params.scalar_type(), " params, got ", t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must have dtype ", dtype,
+              " (the dtype of lr) for ", params.scalar_type(), " params, got ", t.scalar_type());
   TORCH_CHECK(t.device() == params.device(), op, ": ", name, " must be on ", params.device(),
               " (the device of params), got ", t.device());
   TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
+}
+
+/// A per-element hyperparameter (lr_elementwise, weight_decay_elementwise): absent (None,
+/// or any tensor with 0 elements), or 1-D, contiguous, with params.numel() elements, of
+/// the compute dtype of params, on the device of params. Returns whether it is present.
+inline bool check_elementwise(const char* op, const char* name, const std::optional<at::Tensor>& t,
+                              const at::Tensor& params) {
+  if (!t.has_value() || !t->defined() || t->numel() == 0) return false;
+  const at::Tensor& e = *t;
+  const auto want = compute_dtype(params);
+  TORCH_CHECK(e.dim() == 1, op, ": ", name, " must be 1-D, got shape ", e.sizes());
+  TORCH_CHECK(e.numel() == params.numel(), op, ": ", name, " must have ", params.numel(),
+              " elements (one per element of params) or 0 (none), got ", e.numel());
+  TORCH_CHECK(e.scalar_type() == want, op, ": ", name, " must have dtype ", want, " for ",
+              params.scalar_type(), " params, got ", e.scalar_type());
+  TORCH_CHECK(e.device() == params.device(), op, ": ", name, " must be on ", params.device(),
+              " (the device of params), got ", e.device());
+  TORCH_CHECK(e.is_contiguous(), op, ": ", name, " must be contiguous");
+  return true;
 }
 
 /// segments metadata: int64 [S, 5] contiguous on the device of params.

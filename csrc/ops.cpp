@@ -1,33 +1,43 @@
 // Schemas of loft's fused optimiser ops. Implementations register per backend
 // (csrc/cpu/, csrc/cuda/); the contract of every argument is in docs/ops.md.
+//
+// lr_elementwise / weight_decay_elementwise (optional, last): per-element values that
+// replace the group's lr / weight_decay for every element (Meta-SGD). The backward ops
+// take them after hyper_grad_mask and return their gradients last (mask bits H, H + 1,
+// with H the number of [G] hyperparameters).
 #include <torch/library.h>
 
 TORCH_LIBRARY(loft, m) {
   m.def(
       "sgd_step(Tensor params, Tensor grads, Tensor momentum_buffer, Tensor segments, "
-      "Tensor lr, Tensor momentum, Tensor dampening, Tensor weight_decay, Tensor group_flags) "
-      "-> (Tensor, Tensor)");
+      "Tensor lr, Tensor momentum, Tensor dampening, Tensor weight_decay, Tensor group_flags, "
+      "Tensor? lr_elementwise=None, Tensor? weight_decay_elementwise=None) -> (Tensor, Tensor)");
   m.def(
       "sgd_step_backward(Tensor grad_params_out, Tensor grad_momentum_buffer_out, "
       "Tensor params, Tensor grads, Tensor momentum_buffer, Tensor segments, "
       "Tensor lr, Tensor momentum, Tensor dampening, Tensor weight_decay, Tensor group_flags, "
-      "int hyper_grad_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "int hyper_grad_mask, Tensor? lr_elementwise=None, "
+      "Tensor? weight_decay_elementwise=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
+      "Tensor, Tensor, Tensor)");
   m.def(
       "adam_step(Tensor params, Tensor grads, Tensor exp_avg, Tensor exp_avg_sq, "
       "Tensor max_exp_avg_sq, Tensor segments, Tensor lr, Tensor beta1, Tensor beta2, "
-      "Tensor eps, Tensor weight_decay, Tensor group_flags) -> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor eps, Tensor weight_decay, Tensor group_flags, Tensor? lr_elementwise=None, "
+      "Tensor? weight_decay_elementwise=None) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "adam_step_backward(Tensor grad_params_out, Tensor grad_exp_avg_out, "
       "Tensor grad_exp_avg_sq_out, Tensor grad_max_exp_avg_sq_out, Tensor params, Tensor grads, "
       "Tensor exp_avg, Tensor exp_avg_sq, Tensor max_exp_avg_sq, Tensor segments, Tensor lr, "
       "Tensor beta1, Tensor beta2, Tensor eps, Tensor weight_decay, Tensor group_flags, "
-      "int hyper_grad_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
-      "Tensor, Tensor)");
+      "int hyper_grad_mask, Tensor? lr_elementwise=None, "
+      "Tensor? weight_decay_elementwise=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
+      "Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // adam_step with the state updated in place (CPU only): for a caller that owns the
   // state buffers and needs only the new ones (loft's first-order fast path), so that
   // no new state memory is touched each step. Returns the new params.
   m.def(
       "adam_step_(Tensor params, Tensor grads, Tensor(a!) exp_avg, Tensor(b!) exp_avg_sq, "
       "Tensor(c!) max_exp_avg_sq, Tensor segments, Tensor lr, Tensor beta1, Tensor beta2, "
-      "Tensor eps, Tensor weight_decay, Tensor group_flags) -> Tensor");
+      "Tensor eps, Tensor weight_decay, Tensor group_flags, Tensor? lr_elementwise=None, "
+      "Tensor? weight_decay_elementwise=None) -> Tensor");
 }

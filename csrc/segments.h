@@ -15,6 +15,17 @@
 #endif
 #endif
 
+// The per-element math is always inlined into the loops that walk memory: called out of
+// line, a loop over it is not vectorised (gcc stops inlining plain `inline` functions
+// once a translation unit has grown by its many specialisations, making Adam 25x slower).
+#ifndef LOFT_INLINE
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define LOFT_INLINE __forceinline__
+#else
+#define LOFT_INLINE inline __attribute__((always_inline))
+#endif
+#endif
+
 namespace loft {
 
 // Columns of one row of the [S, 5] int64 segment table.
@@ -38,29 +49,52 @@ constexpr int64_t kAdamDecoupled = 4;
 constexpr int64_t kAdamAllFlags = kAdamMaximize | kAdamAmsgrad | kAdamDecoupled;
 
 // Square roots without overload ambiguity on host and device.
-LOFT_HOST_DEVICE inline float loft_sqrt(float x) { return ::sqrtf(x); }
-LOFT_HOST_DEVICE inline double loft_sqrt(double x) { return ::sqrt(x); }
+LOFT_HOST_DEVICE LOFT_INLINE float loft_sqrt(float x) { return ::sqrtf(x); }
+LOFT_HOST_DEVICE LOFT_INLINE double loft_sqrt(double x) { return ::sqrt(x); }
 
-// y + a * x, or exactly y when a == 0: torch.optim skips a zero weight decay, so an
-// infinite or NaN x must not turn y into NaN through 0 * x (docs/ops.md, "Non-finite
-// values").
+// [note: rounding] The kernels round exactly where the per-tensor torch ops they stand
+// for round, so that float32 results are the same bits (docs/ops.md, "Rounding"). Every
+// build turns the compiler's contraction of a * b + c into a fused multiply-add off
+// (-ffp-contract=off for the host compiler, --fmad=false for nvcc): a product and a sum
+// written apart round apart, as two torch ops do. Where torch itself fuses (the CPU
+// kernels of add(alpha=), addcmul and lerp use a fused multiply-add, checked with torch
+// 2.13 on AVX2/AVX512 builds, vectorised body and scalar tail alike), the math says so
+// with loft_fma: a * b + c rounded once.
+LOFT_HOST_DEVICE LOFT_INLINE float loft_fma(float a, float b, float c) { return ::fmaf(a, b, c); }
+LOFT_HOST_DEVICE LOFT_INLINE double loft_fma(double a, double b, double c) {
+  return ::fma(a, b, c);
+}
+
+// y + a * x with the product rounded (higher's `g + weight_decay * p`, two torch ops), or
+// exactly y when a == 0: torch.optim skips a zero weight decay, so an infinite or NaN x
+// must not turn y into NaN through 0 * x (docs/ops.md, "Non-finite values").
 template <typename T>
-LOFT_HOST_DEVICE inline T loft_add_scaled(T y, T a, T x) {
+LOFT_HOST_DEVICE LOFT_INLINE T loft_add_scaled(T y, T a, T x) {
   return a != T(0) ? y + a * x : y;
 }
 
-// torch.lerp(start, end, weight) in at::lerp's two forms, chosen by |weight| < 0.5, so
-// that non-finite inputs give torch's results (start = inf, finite end: NaN for a small
-// weight, inf otherwise). torch.optim's Adam updates exp_avg with lerp_(grad, 1 - beta1).
+// y + a * x rounded once (torch's y.add(x, alpha=a): torch.optim.Adam's L2 weight decay),
+// or exactly y when a == 0, as loft_add_scaled.
 template <typename T>
-LOFT_HOST_DEVICE inline T loft_lerp(T start, T end, T weight) {
-  return (weight < T(0.5) && weight > T(-0.5)) ? start + weight * (end - start)
-                                               : end - (end - start) * (T(1) - weight);
+LOFT_HOST_DEVICE LOFT_INLINE T loft_add_scaled_fused(T y, T a, T x) {
+  return a != T(0) ? loft_fma(x, a, y) : y;
+}
+
+// torch.lerp(start, end, weight) as torch's CPU kernel computes it: one fused
+// multiply-add in one of two forms chosen by |weight| < 0.5, start + weight * (end - start)
+// or end + (weight - 1) * (end - start), so that non-finite inputs give torch's results
+// (start = inf, finite end: NaN for a small weight, inf otherwise). torch.optim's Adam
+// updates exp_avg with lerp_(grad, 1 - beta1).
+template <typename T>
+LOFT_HOST_DEVICE LOFT_INLINE T loft_lerp(T start, T end, T weight) {
+  const T diff = end - start;
+  return (weight < T(0.5) && weight > T(-0.5)) ? loft_fma(weight, diff, start)
+                                               : loft_fma(weight - T(1), diff, end);
 }
 
 // torch.maximum(a, b): NaN when either is NaN (a bare a > b ? a : b drops a NaN a).
 template <typename T>
-LOFT_HOST_DEVICE inline T loft_maximum(T a, T b) {
+LOFT_HOST_DEVICE LOFT_INLINE T loft_maximum(T a, T b) {
   return (a > b || a != a) ? a : b;
 }
 

@@ -36,7 +36,21 @@ LOFT_HOST_DEVICE inline SgdScalars<double> sgd_segment_scalars(double lr, double
   return {(flags & kSgdMaximize) ? -1.0 : 1.0, lr, momentum, 1.0 - dampening, weight_decay};
 }
 
-/// One SGD element, forward:
+/// Makes `s` (a copy of its segment's scalars) the scalars of one element whose lr
+/// (has_lr) and/or weight_decay (has_wd) are its own values (lr_elementwise /
+/// weight_decay_elementwise). No other SGD scalar depends on them, so a per-element value
+/// equal to the group's gives the per-group results bit for bit. In place: the loops keep
+/// one copy outside (a struct copy per element can stop gcc vectorising them).
+template <typename T>
+LOFT_HOST_DEVICE LOFT_INLINE void sgd_set_element_scalars(SgdScalars<T>& s, bool has_lr, T lr,
+                                                          bool has_wd, T weight_decay) {
+  if (has_lr) s.lr = lr;
+  if (has_wd) s.weight_decay = weight_decay;
+}
+
+/// One SGD element, forward, rounded as higher's per-tensor ops (`g + weight_decay * p`,
+/// `buf * momentum + (1 - dampening) * g`, `p + (-lr * d)`: every product and sum
+/// rounded apart, segments.h [note: rounding]):
 ///
 ///     g2 = (maximize ? -g : g) + weight_decay * p   (the term skipped when weight_decay == 0)
 ///     momentum:  b' = first ? g2 : momentum * b + (1 - dampening) * g2
@@ -44,8 +58,8 @@ LOFT_HOST_DEVICE inline SgdScalars<double> sgd_segment_scalars(double lr, double
 ///     else:      b' = b,  d = g2
 ///     p' = p - lr * d
 template <bool kMomentum, bool kFirst, bool kNesterov, typename T>
-LOFT_HOST_DEVICE inline void sgd_forward(T p, T g, T b, const SgdScalars<T>& s, T& p_out,
-                                         T& b_out) {
+LOFT_HOST_DEVICE LOFT_INLINE void sgd_forward(T p, T g, T b, const SgdScalars<T>& s, T& p_out,
+                                              T& b_out) {
   const T g2 = loft_add_scaled(s.sign * g, s.weight_decay, p);
   T d = g2;
   b_out = b;
@@ -70,6 +84,9 @@ struct SgdElementGrads {
 ///     D  = -lr * P
 ///     momentum:  B' = B + (nesterov ? momentum * D : D)
 ///                G2 = (nesterov ? D : 0) + (first ? B' : (1 - dampening) * B')
+///                     (first and nesterov: (B + D) + momentum * D, the order in which
+///                     autograd adds the three gradients reaching g2 = b' through
+///                     higher's ops, so that float32 results are the same bits)
 ///                grad_b = first ? 0 : momentum * B'
 ///     else:      G2 = D,  grad_b = B
 ///     grad_p = P + weight_decay * G2 (P when weight_decay == 0),  grad_g = maximize ? -G2 : G2
@@ -77,8 +94,8 @@ struct SgdElementGrads {
 ///     momentum += momentum ? (first ? 0 : B' * b) + (nesterov ? D * b' : 0) : 0
 ///     dampening += momentum and not first ? -B' * g2 : 0
 template <bool kMomentum, bool kFirst, bool kNesterov, typename T>
-LOFT_HOST_DEVICE inline SgdElementGrads<T> sgd_backward(T P, T B, T p, T g, T b,
-                                                        const SgdScalars<T>& s) {
+LOFT_HOST_DEVICE LOFT_INLINE SgdElementGrads<T> sgd_backward(T P, T B, T p, T g, T b,
+                                                             const SgdScalars<T>& s) {
   const T g2 = loft_add_scaled(s.sign * g, s.weight_decay, p);
   T d = g2;
   T b_new = b;
@@ -94,8 +111,12 @@ LOFT_HOST_DEVICE inline SgdElementGrads<T> sgd_backward(T P, T B, T p, T g, T b,
   r.dampening = T(0);
   if (kMomentum) {
     const T Bt = B + (kNesterov ? s.momentum * D : D);
-    const T from_b = kFirst ? Bt : s.one_minus_dampening * Bt;
-    G2 = kNesterov ? D + from_b : from_b;
+    if (kFirst) {
+      G2 = kNesterov ? (B + D) + s.momentum * D : Bt;
+    } else {
+      const T from_b = s.one_minus_dampening * Bt;
+      G2 = kNesterov ? D + from_b : from_b;
+    }
     r.momentum_buffer = kFirst ? T(0) : s.momentum * Bt;
     const T from_mom = kFirst ? T(0) : Bt * b;
     r.momentum = kNesterov ? from_mom + D * b_new : from_mom;

@@ -2,7 +2,8 @@
 
 Each case is one call of ``torch.ops.loft.<op>`` (or its ``_backward``) with a single
 argument broken: wrong sizes, dtypes, layouts or devices, segment tables that point
-outside the buffers, group indices past the hyperparameter tensors. Every one must raise
+outside the buffers, group indices past the hyperparameter tensors, per-element
+hyperparameters of the wrong size or layout. Every one must raise
 ``RuntimeError`` whose message names the broken argument, and must not touch memory
 outside the tensors it was given (``asan_ops.py`` runs them under AddressSanitizer).
 """
@@ -61,20 +62,36 @@ def valid_inputs(op: str, device: str = "cpu", dtype: torch.dtype = torch.float6
     return case
 
 
+#: The optional per-element hyperparameters, last in the schemas (after the mask in the
+#: backward ops).
+ELEMENTWISE = ("lr_elementwise", "weight_decay_elementwise")
+
+
+def elementwise_args(case: dict) -> list:
+    """``[lr_elementwise, weight_decay_elementwise]`` (None where absent) when ``case``
+    holds either, else nothing (the calls without them)."""
+    if not any(name in case for name in ELEMENTWISE):
+        return []
+    return [case.get(name) for name in ELEMENTWISE]
+
+
 def forward_args(op: str, case: dict) -> list:
     return ([case[b] for b in BUFFERS[op]] + [case["segments"]]
-            + [case[h] for h in HYPER[op]] + [case["group_flags"]])
+            + [case[h] for h in HYPER[op]] + [case["group_flags"]] + elementwise_args(case))
 
 
 def backward_args(op: str, case: dict, upstream: dict | None = None) -> list:
     """The backward op's arguments: upstream gradients (``grad_<output>_out``: well-formed
-    ones unless given in ``upstream``), the forward's inputs, the hyperparameter mask."""
+    ones unless given in ``upstream``), the forward's inputs, the hyperparameter mask
+    (every bit), the per-element hyperparameters."""
     upstream = upstream or {}
     device = case["segments"].device
     n = case["params"].numel()
     grads = [upstream.get(f"grad_{o}_out", torch.ones(n, dtype=torch.float64, device=device))
              for o in OUTPUTS[op]]
-    return grads + forward_args(op, case) + [2 ** len(HYPER[op]) - 1]
+    without = {k: v for k, v in case.items() if k not in ELEMENTWISE}
+    return (grads + forward_args(op, without) + [2 ** (len(HYPER[op]) + 2) - 1]
+            + elementwise_args(case))
 
 
 def _on(value: torch.Tensor, device: str) -> torch.Tensor:
@@ -156,6 +173,15 @@ def _replacements(op: str) -> Iterator[tuple[str, str, object, str]]:
         "group_flags"
     yield "unknown flag bit", "group_flags", torch.tensor([8, 0]), "group_flags"
     yield "negative flags", "group_flags", torch.tensor([-1, 0]), "group_flags"
+    # The per-element hyperparameters (absent in the valid case).
+    yield "short lr_elementwise", "lr_elementwise", torch.zeros(N - 1, dtype=f64), \
+        "lr_elementwise"
+    yield "float32 lr_elementwise for float64 buffers", "lr_elementwise", \
+        torch.zeros(N, dtype=torch.float32), "lr_elementwise"
+    yield "2-D weight_decay_elementwise", "weight_decay_elementwise", \
+        torch.zeros(2, N // 2, dtype=f64), "weight_decay_elementwise"
+    yield "non-contiguous weight_decay_elementwise", "weight_decay_elementwise", \
+        torch.zeros(2 * N, dtype=f64)[::2], "weight_decay_elementwise"
 
 
 def bad_calls(device: str = "cpu") -> list[BadCall]:
@@ -176,8 +202,10 @@ def bad_calls(device: str = "cpu") -> list[BadCall]:
                 args = backward_args(op, case, {upstream: _on(value, device)})
                 calls.append(BadCall(f"{what} {upstream}", op + "_backward", args, upstream))
         if device != "cpu":
-            for arg in BUFFERS[op][1:] + ("segments", "lr", "group_flags"):
+            for arg in BUFFERS[op][1:] + ("segments", "lr", "group_flags") + ELEMENTWISE:
                 case = valid_inputs(op, device)
+                if arg in ELEMENTWISE:
+                    case[arg] = torch.full((N,), 0.1, dtype=torch.float64)
                 case[arg] = case[arg].cpu()
                 calls.append(BadCall(f"{arg} on the CPU", op, forward_args(op, case), arg))
                 calls.append(BadCall(f"{arg} on the CPU", op + "_backward",
@@ -208,3 +236,12 @@ def good_calls(device: str = "cpu") -> Iterator[tuple[str, list]]:
                 yield f"{op} {sizes} flags {flags}", [op, forward_args(op, case)]
                 yield f"{op}_backward {sizes} flags {flags}", [op + "_backward",
                                                                backward_args(op, case)]
+                # With per-element lr and weight decay (one of them 0 elements: absent).
+                for absent in ELEMENTWISE:
+                    each = dict(case)
+                    for name in ELEMENTWISE:
+                        each[name] = (torch.rand(n, generator=gen, dtype=torch.float64) * 0.2)[
+                            :0 if name == absent else n].to(device)
+                    what = f"{sizes} flags {flags} without {absent}"
+                    yield f"{op} {what}", [op, forward_args(op, each)]
+                    yield f"{op}_backward {what}", [op + "_backward", backward_args(op, each)]

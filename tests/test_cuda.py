@@ -25,15 +25,21 @@ from loft import build, ops, reference
 from test_ops import (
     ADAM,
     BUFFERS,
+    ELEMENTWISE,
+    ELEMENTWISE_SETS,
     HYPER,
     SGD,
     SIZE_SETS,
     _differentiable_inputs,
+    add_elementwise,
     args_of,
+    elementwise_of,
     flag_pairs,
+    full_mask,
     make_case,
     raw_op,
 )
+from test_rounding import ulp_distance
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -353,6 +359,109 @@ def test_cuda_bad_input_raises_naming_the_argument(cuda_fused: None) -> None:
         on_cpu = args_of(op, {**case, "segments": case["segments"].cpu()})
         with pytest.raises(RuntimeError, match="segments"):
             raw_op(op)(*on_cpu)
+
+
+@needs_gpu
+@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "misaligned"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("op", [SGD, ADAM])
+def test_cuda_elementwise_matches_cpu_and_reference(op: str, dtype: torch.dtype, aligned: bool,
+                                                    cuda_fused: None) -> None:
+    """Per-element lr and/or weight_decay on CUDA: forward and backward (with the
+    per-element gradients) against the CPU ops and the reference, over several tiles,
+    inactive segments and both groups' flags."""
+    names = list(BUFFERS[op]) + list(HYPER[op]) + list(ELEMENTWISE)
+    for i, (flags, which) in enumerate(itertools.product(flag_pairs(op), ELEMENTWISE_SETS)):
+        sizes = CUDA_SIZE_SETS[i % len(CUDA_SIZE_SETS)]
+        case = add_elementwise(make_case(op, sizes, dtype, list(flags), seed=i, device="cuda"),
+                               which, seed=i)
+        args = args_of(op, case) + elementwise_of(case)
+        if not aligned:
+            args = [a if a is None else _misaligned(a) for a in args]
+        cpu = [a if a is None else a.cpu() for a in args]
+        what = f"{op} flags={flags} sizes={sizes} per-element {which}"
+        got, on_cpu = raw_op(op)(*args), raw_op(op)(*cpu)
+        want = getattr(reference, op)(*args)
+        for g, c, w in zip(got, on_cpu, want):
+            assert_close(g.cpu(), c, dtype, what + " (vs CPU)")
+            assert_close(g, w, dtype, what + " (vs reference)")
+        upstream = [torch.randn(o.numel(), device="cuda").to(o) for o in want]
+        k = len(args) - 2
+        n = case["params"].numel()
+        for mask in (full_mask(op), 1 << len(HYPER[op])):
+            got = raw_op(op + "_backward")(*upstream, *args[:k], mask, *args[k:])
+            on_cpu = raw_op(op + "_backward")(*[u.cpu() for u in upstream], *cpu[:k], mask,
+                                              *cpu[k:])
+            want = getattr(reference, op + "_backward")(*upstream, *args[:k], mask, *args[k:])
+            for name, g, c, w in zip(names, got, on_cpu, want):
+                assert g.shape == c.shape == w.shape, f"{what}: {name} mask={mask}"
+                if name in HYPER[op]:
+                    _hyper_close(g, c, dtype, n, f"{what}: {name} (vs CPU)")
+                else:
+                    tol_dtype = dtype if name not in ELEMENTWISE or dtype == torch.float64 \
+                        else torch.float32
+                    assert_close(g.cpu(), c, tol_dtype, f"{what}: grad {name} (vs CPU)")
+                    assert_close(g, w, tol_dtype, f"{what}: grad {name} (vs reference)")
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("op", [SGD, ADAM])
+def test_cuda_elementwise_group_values_equal_the_per_group_path(op: str, dtype: torch.dtype,
+                                                                cuda_fused: None) -> None:
+    """Per-element values equal to the group's give the per-group kernel's results bit for
+    bit on CUDA too (forward, and the buffer gradients of the backward)."""
+    for flags, which in itertools.product(flag_pairs(op), ELEMENTWISE_SETS):
+        case = make_case(op, [5, 1, 4000, 3, 2048], dtype, list(flags), seed=flags[0],
+                         device="cuda")
+        elementwise = elementwise_of(add_elementwise(case, which, constant=True))
+        args = args_of(op, case)
+        want = raw_op(op)(*args)
+        for g, w in zip(raw_op(op)(*args, *elementwise), want):
+            assert torch.equal(g, w), f"{op} flags={flags} per-element {which}"
+        upstream = [torch.randn(o.numel(), device="cuda").to(o) for o in want]
+        per_group = raw_op(op + "_backward")(*upstream, *args, full_mask(op))
+        per_element = raw_op(op + "_backward")(*upstream, *args, full_mask(op), *elementwise)
+        for g, w in zip(per_element[:len(BUFFERS[op])], per_group[:len(BUFFERS[op])]):
+            assert torch.equal(g, w), f"{op} flags={flags} per-element {which}"
+
+
+@needs_gpu
+@pytest.mark.parametrize("op", [SGD, ADAM])
+def test_cuda_elementwise_gradcheck_and_gradgradcheck(op: str, cuda_fused: None) -> None:
+    case = add_elementwise(make_case(op, [3, 2, 1, 2], torch.float64, [7, 2], seed=13,
+                                     device="cuda"), ("lr", "weight_decay"), seed=2)
+    inputs = _differentiable_inputs(op, case)
+    inputs += [e.clone().requires_grad_() for e in elementwise_of(case)]
+    for fn in (getattr(ops, op), raw_op(op)):
+        assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+        assert torch.autograd.gradgradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+@needs_gpu
+@pytest.mark.parametrize("op", [SGD, ADAM])
+def test_cuda_float32_rounds_as_the_cpu(op: str, cuda_fused: None) -> None:
+    """Both backends build without multiply-add contraction and fuse exactly where the
+    math says (docs/ops.md, "Rounding"): float32 SGD gives the CPU's bits, forward and
+    backward; Adam the CPU's exp_avg and exp_avg_sq bits, and params within 1 ulp (the
+    float64 bias corrections use the device's pow, which may differ in the last bit)."""
+    for flags, sizes in itertools.product(flag_pairs(op), CUDA_SIZE_SETS):
+        case = make_case(op, sizes, torch.float32, list(flags), seed=len(sizes), device="cuda")
+        args = args_of(op, case)
+        cpu = [a.cpu() for a in args]
+        got, want = raw_op(op)(*args), raw_op(op)(*cpu)
+        what = f"{op} flags={flags} sizes={sizes}"
+        for k, (g, w) in enumerate(zip(got, want)):
+            if op == SGD or k in (1, 2):
+                assert torch.equal(g.cpu(), w), what
+            elif g.numel():
+                assert int(ulp_distance(g.cpu(), w).max()) <= 1, what
+        if op == SGD:
+            upstream = [torch.randn(o.numel()) for o in want]
+            got = raw_op(op + "_backward")(*[u.cuda() for u in upstream], *args, 0)
+            want = raw_op(op + "_backward")(*upstream, *cpu, 0)
+            for g, w in zip(got[:len(BUFFERS[op])], want[:len(BUFFERS[op])]):
+                assert torch.equal(g.cpu(), w), what
 
 
 def test_tolerances_cover_every_dtype() -> None:

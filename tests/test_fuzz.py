@@ -6,7 +6,8 @@ For each drawn case, in float64:
   (a twin model trained with ``loss.backward(); opt.step()``);
 - the meta-gradients, with respect to the initial weights and the override tensors, are
   the same on the fused kernels and on the reference backend;
-- the ops pass ``gradcheck`` on small random buckets (every flag, group and segment mix).
+- the ops pass ``gradcheck`` on small random buckets (every flag, group and segment mix,
+  per-element lr and weight_decay).
 
 ``derandomize=True`` makes every run draw the same examples (CI is deterministic);
 ``max_examples`` keeps the file within about a minute on two cores.
@@ -216,6 +217,8 @@ class OpCase:
     flags: list[int]  # per group
     hyper: dict[str, list[float]]
     seed: int
+    # Which of lr and weight_decay are given per element (lr_elementwise, ...).
+    elementwise: tuple[bool, bool] = (False, False)
 
 
 @st.composite
@@ -238,7 +241,8 @@ def op_cases(draw: st.DrawFn) -> OpCase:
                   active=draw(st.lists(st.booleans(), min_size=n, max_size=n)),
                   flags=draw(st.lists(st.integers(0, 7), min_size=num_groups,
                                       max_size=num_groups)),
-                  hyper=hyper, seed=draw(st.integers(0, 2**16)))
+                  hyper=hyper, seed=draw(st.integers(0, 2**16)),
+                  elementwise=(draw(st.booleans()), draw(st.booleans())))
 
 
 def _op_inputs(case: OpCase) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
@@ -255,6 +259,9 @@ def _op_inputs(case: OpCase) -> tuple[list[torch.Tensor], torch.Tensor, torch.Te
     def buffer(lo: float = -1.0, hi: float = 1.0) -> torch.Tensor:
         return torch.rand(n, generator=gen, dtype=torch.float64) * (hi - lo) + lo
 
+    lr_range, wd_range = ((0.05, 0.5) if case.op == "sgd_step" else (1e-3, 0.1)), (0.0, 0.1)
+    elementwise = [buffer(*r) if given else None
+                   for given, r in zip(case.elementwise, (lr_range, wd_range))]
     if case.op == "sgd_step":
         buffers = [buffer(), buffer(), buffer()]
     else:
@@ -263,25 +270,31 @@ def _op_inputs(case: OpCase) -> tuple[list[torch.Tensor], torch.Tensor, torch.Te
         # Keep max_exp_avg_sq away from the new exp_avg_sq: torch.maximum has a kink there.
         hyper = {k: torch.tensor(v, dtype=torch.float64) for k, v in case.hyper.items()}
         new_v = reference.adam_step(params, grads, exp_avg, exp_avg_sq, exp_avg_sq.clone(),
-                                    segments, *hyper.values(), flags & ~2)[2]
+                                    segments, *hyper.values(), flags & ~2, *elementwise)[2]
         vmax = buffer(0.01, 0.5)
         vmax = torch.where((vmax - new_v).abs() < 1e-3, vmax + 5e-3, vmax)
         buffers = [params, grads, exp_avg, exp_avg_sq, vmax]
     hyper_tensors = [torch.tensor(v, dtype=torch.float64) for v in case.hyper.values()]
-    leaves = [t.requires_grad_() for t in buffers + hyper_tensors]
+    leaves = [t.requires_grad_() for t in buffers + hyper_tensors
+              + [e for e in elementwise if e is not None]]
     return leaves, segments, flags
 
 
 @OP_SETTINGS
 @given(case=op_cases())
 def test_fuzz_gradcheck_of_the_ops(case: OpCase, fused: None) -> None:
-    """``loft.ops.<op>`` (fused forward and backward) against finite differences."""
+    """``loft.ops.<op>`` (fused forward and backward) against finite differences, with
+    lr and / or weight_decay per element in some cases."""
     leaves, segments, flags = _op_inputs(case)
     num_buffers = 3 if case.op == "sgd_step" else 5
+    num_hyper = len(case.hyper)
     op = getattr(ops, case.op)
 
     def fn(*xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return op(*xs[:num_buffers], segments, *xs[num_buffers:], flags)
+        given = iter(xs[num_buffers + num_hyper:])
+        elementwise = [next(given) if present else None for present in case.elementwise]
+        return op(*xs[:num_buffers], segments, *xs[num_buffers:num_buffers + num_hyper], flags,
+                  *elementwise)
 
     assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-6, rtol=1e-4)
 

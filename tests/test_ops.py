@@ -7,8 +7,8 @@ import warnings
 
 import pytest
 import torch
-from conftest import DEVICES, DTYPES, assert_close
 
+from conftest import DEVICES, DTYPES, assert_close
 from loft import ops, reference
 
 SGD, ADAM = "sgd_step", "adam_step"
@@ -58,12 +58,15 @@ def make_case(op: str, sizes: list[int], dtype: torch.dtype, flags: list[int], *
     case = {k: v.to(device=device, dtype=dtype) for k, v in case.items()}
     case["segments"] = torch.tensor(rows, dtype=torch.int64).reshape(-1, 5).to(device)
     if op == SGD:
-        hyper = {"lr": rand(num_groups, lo=0.05, hi=0.5), "momentum": rand(num_groups, lo=0.1, hi=0.9),
+        hyper = {"lr": rand(num_groups, lo=0.05, hi=0.5),
+                 "momentum": rand(num_groups, lo=0.1, hi=0.9),
                  "dampening": rand(num_groups, lo=0.0, hi=0.5),
                  "weight_decay": rand(num_groups, lo=0.0, hi=0.1)}
     else:
-        hyper = {"lr": rand(num_groups, lo=1e-3, hi=0.1), "beta1": rand(num_groups, lo=0.5, hi=0.95),
-                 "beta2": rand(num_groups, lo=0.8, hi=0.999), "eps": rand(num_groups, lo=1e-3, hi=0.1),
+        hyper = {"lr": rand(num_groups, lo=1e-3, hi=0.1),
+                 "beta1": rand(num_groups, lo=0.5, hi=0.95),
+                 "beta2": rand(num_groups, lo=0.8, hi=0.999),
+                 "eps": rand(num_groups, lo=1e-3, hi=0.1),
                  "weight_decay": rand(num_groups, lo=0.0, hi=0.1)}
     for k, v in hyper.items():
         case[k] = v.to(device=device, dtype=hdt)
@@ -221,7 +224,8 @@ def test_opcheck(op: str, device: str, fused: None) -> None:
         torch.library.opcheck(raw_op(op), inputs)
         outs = raw_op(op)(*[a.detach() for a in inputs])
         upstream = [torch.randn_like(o) for o in outs]
-        torch.library.opcheck(raw_op(op + "_backward"), upstream + inputs + [2 ** len(HYPER[op]) - 1])
+        torch.library.opcheck(raw_op(op + "_backward"),
+                              upstream + inputs + [2 ** len(HYPER[op]) - 1])
 
 
 # ---- errors ---------------------------------------------------------------------------------
@@ -262,7 +266,7 @@ def _bad_cases(op: str) -> list[tuple[str, dict, str]]:
 
 @pytest.mark.parametrize("op", [SGD, ADAM])
 def test_bad_input_raises_naming_the_argument(op: str, fused: None) -> None:
-    for what, replace, expected in _bad_cases(op):
+    for _what, replace, expected in _bad_cases(op):
         case = make_case(op, [4, 6], torch.float64, [0, 0], seed=1, with_optional=True)
         case.update(replace)
         args = args_of(op, case)
@@ -355,3 +359,361 @@ def test_inplace_adam_rejects_shared_memory(other: str, fused: None) -> None:
     with pytest.raises(RuntimeError, match=f"exp_avg_sq is updated in place .* {other}"):
         raw_op("adam_step_")(*args)
     assert torch.equal(args[0], case["params"])
+
+
+# ---- per-element lr and weight_decay (Meta-SGD) ---------------------------------------------
+
+ELEMENTWISE = ops.ELEMENTWISE
+#: Which per-element hyperparameters a case gives.
+ELEMENTWISE_SETS = [("lr",), ("weight_decay",), ("lr", "weight_decay")]
+
+
+def element_groups(case: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The group of every element of a case's bucket."""
+    seg = case["segments"].cpu()
+    return torch.repeat_interleave(seg[:, 2], seg[:, 1]).to(case["params"].device)
+
+
+def add_elementwise(case: dict[str, torch.Tensor], which: tuple[str, ...], *, seed: int = 0,
+                    constant: bool = False) -> dict[str, torch.Tensor]:
+    """``case`` with per-element ``<name>_elementwise`` ([N], compute dtype) for each name
+    in ``which``: random values (a weight decay exactly 0 on about a quarter of the
+    elements), or, with ``constant``, each element's group value."""
+    case = dict(case)
+    n = case["params"].numel()
+    ct = reference.compute_dtype(case["params"].dtype)
+    gen = torch.Generator().manual_seed(seed)
+    for name in which:
+        if constant:
+            values = case[name].double()[element_groups(case)].cpu()
+        elif name == "lr":
+            values = torch.rand(n, generator=gen, dtype=torch.float64) * 0.2 + 0.01
+        else:
+            values = torch.rand(n, generator=gen, dtype=torch.float64) * 0.1
+            values = torch.where(torch.rand(n, generator=gen) < 0.25, 0.0, values)
+        case[name + "_elementwise"] = values.to(device=case["params"].device, dtype=ct)
+    return case
+
+
+def elementwise_of(case: dict[str, torch.Tensor]) -> list[torch.Tensor | None]:
+    return [case.get(name) for name in ELEMENTWISE]
+
+
+def full_mask(op: str) -> int:
+    return 2 ** (len(HYPER[op]) + 2) - 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("op", [SGD, ADAM])
+def test_elementwise_matches_reference(op: str, dtype: torch.dtype, fused: None) -> None:
+    """Per-element lr and/or weight_decay: kernels against the reference, forward and
+    backward (every flag combination, mixed groups, inactive segments, masks with and
+    without the per-element bits), and the [G] gradient of a replaced hyperparameter is 0."""
+    h = len(HYPER[op])
+    names = list(BUFFERS[op]) + list(HYPER[op]) + list(ELEMENTWISE)
+    size_sets = [[7], [0, 1, 33, 5], [3, 0, 1000, 1, 4099], [2, 4100]]
+    for i, (flags, which) in enumerate(itertools.product(flag_pairs(op), ELEMENTWISE_SETS)):
+        sizes = size_sets[i % len(size_sets)]
+        case = add_elementwise(make_case(op, sizes, dtype, list(flags), seed=len(sizes)), which,
+                               seed=flags[0])
+        args, elementwise = args_of(op, case), elementwise_of(case)
+        what = f"{op} flags={flags} sizes={sizes} per-element {which}"
+        got = raw_op(op)(*args, *elementwise)
+        want = getattr(reference, op)(*args, *elementwise)
+        for name, g, w in zip(["params"] + list(BUFFERS[op][2:]), got, want):
+            assert g.dtype == dtype and g.shape == w.shape
+            assert_close(g, w, dtype, f"{what}: {name}")
+        gen = torch.Generator().manual_seed(3)
+        upstream = [torch.randn(o.numel(), generator=gen, dtype=torch.float64).to(o)
+                    for o in want]
+        n = case["params"].numel()
+        for mask in (full_mask(op), ((1 << h) | 1) if i % 2 else ((1 << (h + 1)) | 2)):
+            got = raw_op(op + "_backward")(*upstream, *args, mask, *elementwise)
+            want = getattr(reference, op + "_backward")(*upstream, *args, mask, *elementwise)
+            assert len(got) == len(want) == len(names)
+            for k, (name, g, w) in enumerate(zip(names, got, want)):
+                assert g.shape == w.shape and g.dtype == w.dtype, f"{what}: {name} mask={mask}"
+                if name in HYPER[op]:
+                    if not (mask >> k - len(BUFFERS[op])) & 1 or name in which:
+                        assert not g.any(), f"{what}: {name} mask={mask} must be zero"
+                    scale = max(1.0, float(w.abs().max()))
+                    rtol, atol = {torch.float64: (1e-10, 1e-12)}.get(dtype, (5e-3, 5e-3))
+                    torch.testing.assert_close(g.double(), w.double(), rtol=rtol,
+                                               atol=atol * scale * max(1, n) ** 0.5)
+                elif name in ELEMENTWISE:
+                    bit = len(BUFFERS[op]) + h
+                    present = name.removesuffix("_elementwise") in which and n > 0
+                    wanted = present and (mask >> (k - bit + h)) & 1
+                    assert g.numel() == (n if wanted else 0), f"{what}: {name} mask={mask}"
+                    assert g.dtype == reference.compute_dtype(dtype)
+                    assert_close(g, w, torch.float32 if dtype != torch.float64 else dtype,
+                                 f"{what}: grad {name} mask={mask}")
+                else:
+                    assert_close(g, w, dtype, f"{what}: grad {name} mask={mask}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("op", [SGD, ADAM])
+def test_elementwise_group_values_equal_the_per_group_path(op: str, dtype: torch.dtype,
+                                                           fused: None) -> None:
+    """Per-element values equal to each element's group value give the per-group path's
+    results bit for bit: the forward (and adam_step_), the buffer gradients; the
+    per-element gradients summed per group give the [G] gradients (summed in another
+    order)."""
+    h = len(HYPER[op])
+    for flags, which in itertools.product(flag_pairs(op), ELEMENTWISE_SETS):
+        case = make_case(op, [5, 1, 40, 3, 4100], dtype, list(flags), seed=flags[0])
+        const = add_elementwise(case, which, constant=True)
+        args, elementwise = args_of(op, case), elementwise_of(const)
+        what = f"{op} flags={flags} per-element {which}"
+        want = raw_op(op)(*args)
+        got = raw_op(op)(*args, *elementwise)
+        for g, w in zip(got, want):
+            assert torch.equal(g, w), what
+        if op == ADAM:
+            state = [a.clone() for a in args[2:5]]
+            params_out = raw_op("adam_step_")(args[0], args[1], *state, *args[5:], *elementwise)
+            assert torch.equal(params_out, want[0]) and all(
+                torch.equal(s, w) for s, w in zip(state, want[1:])), what
+        upstream = [torch.randn(o.numel(), dtype=torch.float64).to(o) for o in want]
+        per_group = raw_op(op + "_backward")(*upstream, *args, full_mask(op))
+        per_element = raw_op(op + "_backward")(*upstream, *args, full_mask(op), *elementwise)
+        for g, w in zip(per_element[:len(BUFFERS[op])], per_group[:len(BUFFERS[op])]):
+            assert torch.equal(g, w), what
+        groups = element_groups(case)
+        for k, name in enumerate(ELEMENTWISE):
+            hyper_name = name.removesuffix("_elementwise")
+            grad_e = per_element[len(BUFFERS[op]) + h + k]
+            if hyper_name not in which:
+                assert grad_e.numel() == 0
+                continue
+            index = len(BUFFERS[op]) + HYPER[op].index(hyper_name)
+            sums = torch.zeros(len(flags), dtype=torch.float64).index_add(
+                0, groups, grad_e.double())
+            torch.testing.assert_close(sums, per_group[index].double(), rtol=1e-4, atol=1e-3)
+            assert not per_element[index].any()
+
+
+@pytest.mark.parametrize("op", [SGD, ADAM])
+def test_elementwise_opcheck(op: str, fused: None) -> None:
+    case = add_elementwise(make_case(op, [4, 0, 3], torch.float64, [7, 2], seed=19),
+                           ("lr", "weight_decay"))
+    inputs = _differentiable_inputs(op, case)
+    elementwise = [e.clone().requires_grad_() for e in elementwise_of(case)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.library.opcheck(raw_op(op), inputs + elementwise)
+        torch.library.opcheck(raw_op(op), inputs + [elementwise[0], None])
+        outs = raw_op(op)(*[a.detach() for a in inputs], *elementwise)
+        upstream = [torch.randn_like(o) for o in outs]
+        for mask in (full_mask(op), 1):
+            torch.library.opcheck(raw_op(op + "_backward"),
+                                  upstream + inputs + [mask] + elementwise)
+    if op == ADAM:
+        torch.library.opcheck(torch.ops.loft.adam_step_.default,
+                              tuple(args_of(op, case) + elementwise_of(case)),
+                              test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("op", [SGD, ADAM])
+@pytest.mark.parametrize(("entry", "flags"), [("wrapper", (0, 7)), ("wrapper", (7, 0)),
+                                              ("raw", (2, 5))], ids=str)
+def test_elementwise_gradcheck_and_gradgradcheck(op: str, flags: tuple[int, int], entry: str,
+                                                 fused: None) -> None:
+    """Float64 gradcheck and gradgradcheck with respect to lr_elementwise,
+    weight_decay_elementwise and every other input."""
+    case = add_elementwise(make_case(op, [3, 2, 1, 2], torch.float64, list(flags), seed=13),
+                           ("lr", "weight_decay"), seed=2)
+    inputs = _differentiable_inputs(op, case)
+    inputs += [e.clone().requires_grad_() for e in elementwise_of(case)]
+    fn = getattr(ops, op) if entry == "wrapper" else raw_op(op)
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+    assert torch.autograd.gradgradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("op", [SGD, ADAM])
+def test_elementwise_gradcheck_of_backward_op(op: str, fused: None) -> None:
+    case = add_elementwise(make_case(op, [2, 3, 1], torch.float64, [7, 2], seed=17),
+                           ("lr", "weight_decay"))
+    inputs = _differentiable_inputs(op, case)
+    elementwise = [e.clone().requires_grad_() for e in elementwise_of(case)]
+    upstream = [torch.randn(o.numel(), dtype=torch.float64, requires_grad=True)
+                for o in raw_op(op)(*[a.detach() for a in inputs])]
+    k = len(upstream) + len(inputs)
+
+    def fn(*xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return raw_op(op + "_backward")(*xs[:k], full_mask(op), *xs[k:])
+
+    assert torch.autograd.gradcheck(fn, upstream + inputs + elementwise, eps=1e-6, atol=1e-7,
+                                    rtol=1e-5)
+
+
+@pytest.mark.parametrize("op", [SGD, ADAM])
+@pytest.mark.parametrize("which", [("lr",), ("lr", "weight_decay")], ids=str)
+def test_elementwise_through_bucket_step(op: str, which: tuple[str, ...], fused: None) -> None:
+    """``loft._step.bucket_step(..., elementwise=...)``: float64 gradcheck and gradgradcheck
+    with respect to the weights (views), gradients, state, hyperparameters and the
+    per-element ones; the [G] weight decay is 0 while the per-element one is not (the
+    weights' gradient is then not the upstream one), one tensor is inactive."""
+    from loft._step import bucket_step
+    from loft.flat import make_buckets
+
+    spec = ops._SGD if op == SGD else ops._ADAM
+    shapes = [(2, 2), (3,), (1,)]
+    bucket = make_buckets([torch.zeros(s, dtype=torch.float64) for s in shapes], [0, 1, 0])[0]
+    case = make_case(op, [bucket.numel], torch.float64, [7, 2], seed=5)
+    case["weight_decay"] = torch.zeros_like(case["weight_decay"])
+    segments = bucket.segments([1, 0, 2], [True, True, False])
+    case["segments"] = segments
+    case = add_elementwise(case, which, seed=4)
+    views = [t.clone().requires_grad_() for t in bucket.plain_views(case["params"])]
+    grads = [t.clone().requires_grad_() for t in bucket.plain_views(case["grads"])][:2] + [None]
+    state = [case[b].clone().requires_grad_() for b in BUFFERS[op][2:]]
+    hyper = [case[h].clone().requires_grad_() for h in HYPER[op]]
+    empty = torch.zeros(0, dtype=torch.float64)
+    elementwise = [case[n].clone().requires_grad_() if n in case else empty for n in ELEMENTWISE]
+    leaves = views + grads[:2] + state + hyper + [e for e in elementwise if e.numel()]
+
+    def fn(*xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        it = iter(xs)
+        v = [next(it) for _ in views]
+        g = [next(it), next(it), None]
+        st = [next(it) for _ in state]
+        hy = [next(it) for _ in hyper]
+        el = [next(it) if e.numel() else e for e in elementwise]
+        new_views, new_state = bucket_step(spec, bucket, None, v, g, st, hy, segments,
+                                           case["group_flags"], elementwise=el)
+        return tuple(new_views) + tuple(new_state)
+
+    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7, rtol=1e-5)
+    assert torch.autograd.gradgradcheck(fn, leaves, eps=1e-6, atol=1e-6, rtol=1e-4)
+    # Only the weights and a per-element lr that does not require grad: SGD's backward
+    # then keeps no buffer values (the per-element lr is still a factor).
+    lr_e = elementwise[0].detach()
+
+    def weights_only(*v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        new_views, _ = bucket_step(spec, bucket, None, list(v), [g.detach() for g in grads[:2]]
+                                   + [None], [s.detach() for s in state],
+                                   [x.detach() for x in hyper], segments, case["group_flags"],
+                                   elementwise=[lr_e, empty])
+        return tuple(new_views)
+
+    assert torch.autograd.gradcheck(weights_only, views, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_reference_rejects_elementwise_lr_weight_decay_and_unknown_names() -> None:
+    for op, good in ((SGD, "momentum"), (ADAM, "beta1")):
+        case = make_case(op, [3, 4], torch.float64, [0, 7], seed=2)
+        args = args_of(op, case)
+        ones = torch.ones(7, dtype=torch.float64)
+        getattr(reference, op)(*args, elementwise={good: ones * 0.5})
+        for bad, match in (("lr", "lr_elementwise"), ("weight_decay", "weight_decay_elementwise"),
+                           ("betas" if op == ADAM else "nesterov", "unknown")):
+            with pytest.raises(ValueError, match=match):
+                getattr(reference, op)(*args, elementwise={bad: ones})
+        with pytest.raises(RuntimeError, match=good):
+            getattr(reference, op)(*args, elementwise={good: ones[:5]})
+
+
+def _direct_sgd(p, g, b, lr, mom, damp, wd, flags, first):
+    """One SGD step written per element for one group (every argument broadcasts)."""
+    g = -g if flags & reference.SGD_MAXIMIZE else g
+    g = g + wd * p
+    if flags & reference.SGD_MOMENTUM:
+        b = g if first else mom * b + (1 - damp) * g
+        d = g + mom * b if flags & reference.SGD_NESTEROV else b
+    else:
+        d = g
+    return p - lr * d, b
+
+
+def _direct_adam(p, g, m, v, vmax, lr, b1, b2, eps, wd, flags, t):
+    g = -g if flags & reference.ADAM_MAXIMIZE else g
+    if flags & reference.ADAM_DECOUPLED:
+        p = p * (1 - lr * wd)
+    else:
+        g = g + wd * p
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    u = torch.maximum(vmax, v) if flags & reference.ADAM_AMSGRAD else v
+    d = u.sqrt() / (1 - b2**t).sqrt() + eps
+    return p - lr / (1 - b1**t) * m / d, m, v, u
+
+
+@pytest.mark.parametrize("op", [SGD, ADAM])
+def test_reference_elementwise_hyperparameters(op: str) -> None:
+    """The reference forward's ``elementwise=`` (momentum, dampening; beta1, beta2, eps),
+    with per-element lr and weight_decay too: equal to a direct per-element formula,
+    the group values per element equal to the per-group path, and float64 gradcheck with
+    respect to the per-element values."""
+    names = reference.SGD_ELEMENTWISE if op == SGD else reference.ADAM_ELEMENTWISE
+    for flags in ALL_FLAGS[op]:
+        for step in (0, 2):
+            case = make_case(op, [6], torch.float64, [flags], seed=flags + step,
+                             with_optional=True)
+            case["segments"][:, 3] = step
+            args = args_of(op, case)
+            gen = torch.Generator().manual_seed(flags)
+            ranges = {"momentum": (0.1, 0.9), "dampening": (0.0, 0.5), "beta1": (0.5, 0.95),
+                      "beta2": (0.8, 0.999), "eps": (1e-3, 0.1)}
+            el = {k: torch.rand(6, generator=gen, dtype=torch.float64)
+                  * (ranges[k][1] - ranges[k][0]) + ranges[k][0] for k in names}
+            case = add_elementwise(case, ("lr", "weight_decay"), seed=flags)
+            lr_e, wd_e = elementwise_of(case)
+            got = getattr(reference, op)(*args, lr_e, wd_e, elementwise=el)
+            if op == SGD:
+                want = _direct_sgd(case["params"], case["grads"], case["momentum_buffer"], lr_e,
+                                   el["momentum"], el["dampening"], wd_e, flags, step == 0)
+                want = (want[0], want[1] if flags & reference.SGD_MOMENTUM
+                        else case["momentum_buffer"])
+            else:
+                want = _direct_adam(case["params"], case["grads"], case["exp_avg"],
+                                    case["exp_avg_sq"], case["max_exp_avg_sq"], lr_e, el["beta1"],
+                                    el["beta2"], el["eps"], wd_e, flags, step + 1)
+                want = want if flags & reference.ADAM_AMSGRAD else (*want[:3],
+                                                                    case["max_exp_avg_sq"])
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+            groupwise = {k: case[k].expand(6).clone() for k in names}
+            torch.testing.assert_close(
+                getattr(reference, op)(*args, elementwise=groupwise), getattr(reference, op)(*args),
+                rtol=0, atol=0)
+
+    def fn(*xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return getattr(reference, op)(*args, xs[0], xs[1], elementwise=dict(zip(names, xs[2:])))
+
+    leaves = [lr_e.clone().requires_grad_(), wd_e.clone().requires_grad_()] + [
+        el[k].clone().requires_grad_() for k in names]
+    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("op", [SGD, ADAM])
+def test_elementwise_bad_arguments_name_the_argument(op: str, fused: None) -> None:
+    """Wrong size, dtype, shape or layout of lr_elementwise / weight_decay_elementwise:
+    RuntimeError naming it, from the forward, the backward, adam_step_ and the reference;
+    a 0-element tensor (any dtype) or None is the absent value."""
+    case = make_case(op, [4, 6], torch.float64, [0, 7], seed=1, with_optional=True)
+    args = args_of(op, case)
+    upstream = [torch.zeros(10, dtype=torch.float64) for _ in BUFFERS[op][1:]]
+    f64 = torch.float64
+    bad = [torch.zeros(9, dtype=f64), torch.zeros(11, dtype=f64), torch.zeros(10),
+           torch.zeros(10, dtype=torch.int64), torch.zeros(2, 5, dtype=f64),
+           torch.zeros(20, dtype=f64)[::2]]
+    for k, name in enumerate(ELEMENTWISE):
+        for value in bad:
+            elementwise = [None, None]
+            elementwise[k] = value
+            calls = [(raw_op(op), [*args, *elementwise]),
+                     (getattr(reference, op), [*args, *elementwise]),
+                     (raw_op(op + "_backward"), [*upstream, *args, full_mask(op), *elementwise]),
+                     (getattr(reference, op + "_backward"),
+                      [*upstream, *args, full_mask(op), *elementwise])]
+            if op == ADAM:
+                calls.append((raw_op("adam_step_"), [a.clone() for a in args] + elementwise))
+            for fn, call_args in calls:
+                with pytest.raises(RuntimeError, match=name):
+                    fn(*call_args)
+    want = raw_op(op)(*args)
+    for absent in (None, torch.zeros(0), torch.zeros(0, dtype=torch.int64)):
+        got = raw_op(op)(*args, absent, absent)
+        assert all(torch.equal(g, w) for g, w in zip(got, want))

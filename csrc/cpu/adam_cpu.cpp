@@ -7,6 +7,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -19,6 +20,8 @@ namespace cpu {
 namespace {
 
 constexpr int kAdamNumHyper = 5;  // lr, beta1, beta2, eps, weight_decay (mask bits 1..16)
+constexpr int kAdamLr = 0;        // the mask bit of lr (hyperparameter 0)
+constexpr int kAdamWeightDecay = 4;
 
 /// Checks every argument of adam_step (and the shared ones of its backward) before any
 /// buffer memory is read; returns the validated segment table.
@@ -34,11 +37,12 @@ Segments check_adam_args(const char* op, const at::Tensor& params, const at::Ten
   check_buffer(op, "exp_avg_sq", exp_avg_sq, params, /*may_be_empty=*/false);
   check_buffer(op, "max_exp_avg_sq", max_exp_avg_sq, params, /*may_be_empty=*/true);
   const int64_t groups = check_group_flags(op, group_flags, params, kAdamAllFlags);
-  check_hyper(op, "lr", lr, params, groups);
-  check_hyper(op, "beta1", beta1, params, groups);
-  check_hyper(op, "beta2", beta2, params, groups);
-  check_hyper(op, "eps", eps, params, groups);
-  check_hyper(op, "weight_decay", weight_decay, params, groups);
+  const at::ScalarType hyper_dtype = check_hyper_dtype(op, lr, params);
+  check_hyper(op, "lr", lr, params, groups, hyper_dtype);
+  check_hyper(op, "beta1", beta1, params, groups, hyper_dtype);
+  check_hyper(op, "beta2", beta2, params, groups, hyper_dtype);
+  check_hyper(op, "eps", eps, params, groups, hyper_dtype);
+  check_hyper(op, "weight_decay", weight_decay, params, groups, hyper_dtype);
   const Segments seg = check_segments(op, segments, params, groups);
   check_optional_needed(op, "max_exp_avg_sq", max_exp_avg_sq, seg, group_flags, kAdamAmsgrad,
                         "amsgrad");
@@ -46,41 +50,54 @@ Segments check_adam_args(const char* op, const at::Tensor& params, const at::Ten
 }
 
 /// The per-segment scalars (bias corrections from the segment's own step), computed in
-/// float64 and cast to the compute type T.
-template <typename scalar_t, typename T>
+/// float64 and cast to the compute type T; with `bases`, also each segment's float64
+/// basis for per-element lr / weight_decay.
+template <typename T>
 std::vector<AdamScalars<T>> adam_scalars(const Segments& seg, const at::Tensor& lr,
                                          const at::Tensor& beta1, const at::Tensor& beta2,
                                          const at::Tensor& eps, const at::Tensor& weight_decay,
-                                         const at::Tensor& group_flags) {
-  using H = compute_t<scalar_t>;
-  const H* lr_ = lr.data_ptr<H>();
-  const H* beta1_ = beta1.data_ptr<H>();
-  const H* beta2_ = beta2.data_ptr<H>();
-  const H* eps_ = eps.data_ptr<H>();
-  const H* wd_ = weight_decay.data_ptr<H>();
+                                         const at::Tensor& group_flags,
+                                         std::vector<AdamBasis>* bases = nullptr) {
+  const HyperValues lr_(lr), beta1_(beta1), beta2_(beta2), eps_(eps), wd_(weight_decay);
   const int64_t* flags = group_flags.data_ptr<int64_t>();
   std::vector<AdamScalars<T>> out(static_cast<size_t>(seg.count));
+  if (bases != nullptr) bases->resize(static_cast<size_t>(seg.count));
   for (int64_t s = 0; s < seg.count; ++s) {
     const int64_t g = seg.group(s);
-    out[s] =
-        adam_segment_scalars(lr_[g], beta1_[g], beta2_[g], eps_[g], wd_[g], flags[g], seg.step(s))
-            .template cast<T>();
+    out[s] = adam_segment_scalars(lr_[g], beta1_[g], beta2_[g], eps_[g], wd_[g], flags[g],
+                                  seg.step(s), bases != nullptr ? &(*bases)[s] : nullptr)
+                 .template cast<T>();
   }
   return out;
 }
 
+/// Makes `se` (a copy of the segment's scalars) element i's scalars when its lr and / or
+/// weight_decay are per element (kLr, kWd); nothing otherwise.
+template <bool kLr, bool kWd, typename T>
+inline void set_element_scalars(AdamScalars<T>& se, const AdamBasis& basis,
+                                const T* __restrict__ lr_e, const T* __restrict__ wd_e, int64_t i) {
+  if constexpr (kLr || kWd) {
+    adam_set_element_scalars(se, basis, kLr, kLr ? lr_e[i] : T(0), kWd, kWd ? wd_e[i] : T(0));
+  }
+}
+
 /// Forward over one chunk of an active segment; vmax is read and written only with
-/// amsgrad (otherwise the caller copies it through).
-template <bool kAmsgrad, bool kDecoupled, typename scalar_t, typename T>
+/// amsgrad (otherwise the caller copies it through). lr_e / wd_e (kLr / kWd) are the
+/// chunk's per-element lr and weight_decay.
+template <bool kAmsgrad, bool kDecoupled, bool kLr, bool kWd, typename scalar_t, typename T>
 void adam_forward_chunk(int64_t n, const scalar_t* __restrict__ p, const scalar_t* __restrict__ g,
                         const scalar_t* __restrict__ m, const scalar_t* __restrict__ v,
-                        const scalar_t* __restrict__ vmax, scalar_t* __restrict__ p_out,
+                        const scalar_t* __restrict__ vmax, const T* __restrict__ lr_e,
+                        const T* __restrict__ wd_e, scalar_t* __restrict__ p_out,
                         scalar_t* __restrict__ m_out, scalar_t* __restrict__ v_out,
-                        scalar_t* __restrict__ vmax_out, const AdamScalars<T> s) {
+                        scalar_t* __restrict__ vmax_out, const AdamScalars<T> s,
+                        const AdamBasis basis) {
+  AdamScalars<T> se = s;  // the element's scalars: with kLr / kWd, updated per element
   for (int64_t i = 0; i < n; ++i) {
+    set_element_scalars<kLr, kWd>(se, basis, lr_e, wd_e, i);
     T p_new, m_new, v_new, vmax_new;
     adam_forward<kAmsgrad, kDecoupled>(T(p[i]), T(g[i]), T(m[i]), T(v[i]),
-                                       kAmsgrad ? T(vmax[i]) : T(0), s, p_new, m_new, v_new,
+                                       kAmsgrad ? T(vmax[i]) : T(0), se, p_new, m_new, v_new,
                                        vmax_new);
     p_out[i] = scalar_t(p_new);
     m_out[i] = scalar_t(m_new);
@@ -90,15 +107,19 @@ void adam_forward_chunk(int64_t n, const scalar_t* __restrict__ p, const scalar_
 }
 
 /// adam_forward_chunk with the state read and written in place (adam_step_).
-template <bool kAmsgrad, bool kDecoupled, typename scalar_t, typename T>
+template <bool kAmsgrad, bool kDecoupled, bool kLr, bool kWd, typename scalar_t, typename T>
 void adam_forward_chunk_inplace(int64_t n, const scalar_t* __restrict__ p,
                                 const scalar_t* __restrict__ g, scalar_t* __restrict__ m,
                                 scalar_t* __restrict__ v, scalar_t* __restrict__ vmax,
-                                scalar_t* __restrict__ p_out, const AdamScalars<T> s) {
+                                const T* __restrict__ lr_e, const T* __restrict__ wd_e,
+                                scalar_t* __restrict__ p_out, const AdamScalars<T> s,
+                                const AdamBasis basis) {
+  AdamScalars<T> se = s;  // the element's scalars: with kLr / kWd, updated per element
   for (int64_t i = 0; i < n; ++i) {
+    set_element_scalars<kLr, kWd>(se, basis, lr_e, wd_e, i);
     T p_new, m_new, v_new, vmax_new;
     adam_forward<kAmsgrad, kDecoupled>(T(p[i]), T(g[i]), T(m[i]), T(v[i]),
-                                       kAmsgrad ? T(vmax[i]) : T(0), s, p_new, m_new, v_new,
+                                       kAmsgrad ? T(vmax[i]) : T(0), se, p_new, m_new, v_new,
                                        vmax_new);
     p_out[i] = scalar_t(p_new);
     m[i] = scalar_t(m_new);
@@ -107,27 +128,36 @@ void adam_forward_chunk_inplace(int64_t n, const scalar_t* __restrict__ p,
   }
 }
 
-/// Backward over one chunk of an active segment; with kHyper, writes the chunk's sums of
-/// the kAdamNumHyper hyperparameter terms to partial[0..4]. vmax, X and grad_vmax are
-/// used only with amsgrad (otherwise the caller copies X to grad_vmax).
-template <bool kAmsgrad, bool kDecoupled, bool kHyper, typename scalar_t, typename T>
+/// Backward over one chunk of an active segment; with kHyper, writes the chunk's sums of the
+/// kAdamNumHyper hyperparameter terms to partial[0..4] (unless it is null). vmax, X and grad_vmax
+/// are used only with amsgrad (otherwise the caller copies X to grad_vmax). With a per-element lr
+/// (kLr) or weight_decay (kWd), their terms are written per element to grad_lr_e / grad_wd_e when
+/// those are not null (the gradient is wanted; kHyper is then set).
+template <bool kAmsgrad, bool kDecoupled, bool kHyper, bool kLr, bool kWd, typename scalar_t,
+          typename T>
 void adam_backward_chunk(int64_t n, const scalar_t* __restrict__ P, const scalar_t* __restrict__ M,
                          const scalar_t* __restrict__ V, const scalar_t* __restrict__ X,
                          const scalar_t* __restrict__ p, const scalar_t* __restrict__ g,
                          const scalar_t* __restrict__ m, const scalar_t* __restrict__ v,
-                         const scalar_t* __restrict__ vmax, scalar_t* __restrict__ grad_p,
+                         const scalar_t* __restrict__ vmax, const T* __restrict__ lr_e,
+                         const T* __restrict__ wd_e, scalar_t* __restrict__ grad_p,
                          scalar_t* __restrict__ grad_g, scalar_t* __restrict__ grad_m,
                          scalar_t* __restrict__ grad_v, scalar_t* __restrict__ grad_vmax,
-                         const AdamScalars<T> s, double* __restrict__ partial) {
+                         T* __restrict__ grad_lr_e, T* __restrict__ grad_wd_e,
+                         const AdamScalars<T> s, const AdamBasis basis,
+                         double* __restrict__ partial) {
+  static_assert(kHyper || !(kLr || kWd), "per-element gradients are hyperparameter terms");
   T lanes[kAdamNumHyper][kLanes] = {};
   T terms[kAdamNumHyper][kBlock];
+  AdamScalars<T> se = s;  // the element's scalars: with kLr / kWd, updated per element
   for (int64_t start = 0; start < n; start += kBlock) {
     const int64_t count = std::min(kBlock, n - start);
     for (int64_t j = 0; j < count; ++j) {
       const int64_t i = start + j;
+      set_element_scalars<kLr, kWd>(se, basis, lr_e, wd_e, i);
       const AdamElementGrads<T> r = adam_backward<kAmsgrad, kDecoupled>(
           T(P[i]), T(M[i]), T(V[i]), kAmsgrad ? T(X[i]) : T(0), T(p[i]), T(g[i]), T(m[i]), T(v[i]),
-          kAmsgrad ? T(vmax[i]) : T(0), s);
+          kAmsgrad ? T(vmax[i]) : T(0), se);
       grad_p[i] = scalar_t(r.params);
       grad_g[i] = scalar_t(r.grads);
       grad_m[i] = scalar_t(r.exp_avg);
@@ -141,11 +171,15 @@ void adam_backward_chunk(int64_t n, const scalar_t* __restrict__ P, const scalar
         terms[4][j] = r.weight_decay;
       }
     }
-    if (kHyper) {
+    if (kHyper && partial != nullptr) {  // [G] gradients wanted
       for (int k = 0; k < kAdamNumHyper; ++k) add_to_lanes(lanes[k], terms[k], count);
     }
+    // The per-element gradients are the block's lr / weight_decay terms (copied here, not
+    // stored in the loop above: a conditional store there stops gcc vectorising it).
+    if (kLr && grad_lr_e != nullptr) copy_elements(grad_lr_e + start, terms[0], count);
+    if (kWd && grad_wd_e != nullptr) copy_elements(grad_wd_e + start, terms[4], count);
   }
-  if (kHyper) {
+  if (kHyper && partial != nullptr) {
     for (int k = 0; k < kAdamNumHyper; ++k) partial[k] = sum_lanes(lanes[k]);
   }
 }
@@ -154,10 +188,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> adam_step_cpu(
     const at::Tensor& params, const at::Tensor& grads, const at::Tensor& exp_avg,
     const at::Tensor& exp_avg_sq, const at::Tensor& max_exp_avg_sq, const at::Tensor& segments,
     const at::Tensor& lr, const at::Tensor& beta1, const at::Tensor& beta2, const at::Tensor& eps,
-    const at::Tensor& weight_decay, const at::Tensor& group_flags) {
+    const at::Tensor& weight_decay, const at::Tensor& group_flags,
+    const std::optional<at::Tensor>& lr_elementwise,
+    const std::optional<at::Tensor>& weight_decay_elementwise) {
   const char* op = "adam_step";
   const Segments seg = check_adam_args(op, params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq,
                                        segments, lr, beta1, beta2, eps, weight_decay, group_flags);
+  const bool has_lr_e = check_elementwise(op, "lr_elementwise", lr_elementwise, params);
+  const bool has_wd_e =
+      check_elementwise(op, "weight_decay_elementwise", weight_decay_elementwise, params);
   const int64_t n = params.numel();
   at::Tensor params_out = at::empty({n}, params.options());
   at::Tensor exp_avg_out = at::empty({n}, params.options());
@@ -171,8 +210,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> adam_step_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, params.scalar_type(), "adam_step_cpu", [&] {
         using T = compute_t<scalar_t>;
+        std::vector<AdamBasis> bases;
         const std::vector<AdamScalars<T>> scalars =
-            adam_scalars<scalar_t, T>(seg, lr, beta1, beta2, eps, weight_decay, group_flags);
+            adam_scalars<T>(seg, lr, beta1, beta2, eps, weight_decay, group_flags,
+                            has_lr_e || has_wd_e ? &bases : nullptr);
+        const AdamBasis no_basis{};
+        const Elementwise<T> elem =
+            elementwise_data<T>(has_lr_e, lr_elementwise, has_wd_e, weight_decay_elementwise);
         const scalar_t* p = params.const_data_ptr<scalar_t>();
         const scalar_t* g = grads.const_data_ptr<scalar_t>();
         const scalar_t* m = exp_avg.const_data_ptr<scalar_t>();
@@ -197,9 +241,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> adam_step_cpu(
           if (!amsgrad && has_max) copy_elements(vmax_out + o, vmax + o, len);
           with_bool(amsgrad, [&](auto kAmsgrad) {
             with_bool((f & kAdamDecoupled) != 0, [&](auto kDecoupled) {
-              adam_forward_chunk<decltype(kAmsgrad)::value, decltype(kDecoupled)::value>(
-                  len, p + o, g + o, m + o, v + o, kAmsgrad ? vmax + o : nullptr, p_out + o,
-                  m_out + o, v_out + o, kAmsgrad ? vmax_out + o : nullptr, scalars[s]);
+              with_elementwise(has_lr_e, has_wd_e, [&](auto kLr, auto kWd) {
+                adam_forward_chunk<decltype(kAmsgrad)::value, decltype(kDecoupled)::value,
+                                   decltype(kLr)::value, decltype(kWd)::value>(
+                    len, p + o, g + o, m + o, v + o, kAmsgrad ? vmax + o : nullptr,
+                    kLr ? elem.lr + o : nullptr, kWd ? elem.weight_decay + o : nullptr, p_out + o,
+                    m_out + o, v_out + o, kAmsgrad ? vmax_out + o : nullptr, scalars[s],
+                    bases.empty() ? no_basis : bases[s]);
+              });
             });
           });
         });
@@ -220,10 +269,15 @@ at::Tensor adam_step_inplace_cpu(const at::Tensor& params, const at::Tensor& gra
                                  at::Tensor& max_exp_avg_sq, const at::Tensor& segments,
                                  const at::Tensor& lr, const at::Tensor& beta1,
                                  const at::Tensor& beta2, const at::Tensor& eps,
-                                 const at::Tensor& weight_decay, const at::Tensor& group_flags) {
+                                 const at::Tensor& weight_decay, const at::Tensor& group_flags,
+                                 const std::optional<at::Tensor>& lr_elementwise,
+                                 const std::optional<at::Tensor>& weight_decay_elementwise) {
   const char* op = "adam_step_";
   const Segments seg = check_adam_args(op, params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq,
                                        segments, lr, beta1, beta2, eps, weight_decay, group_flags);
+  const bool has_lr_e = check_elementwise(op, "lr_elementwise", lr_elementwise, params);
+  const bool has_wd_e =
+      check_elementwise(op, "weight_decay_elementwise", weight_decay_elementwise, params);
   const std::pair<const char*, const at::Tensor*> state[] = {
       {"exp_avg", &exp_avg}, {"exp_avg_sq", &exp_avg_sq}, {"max_exp_avg_sq", &max_exp_avg_sq}};
   for (size_t i = 0; i < 3; ++i) {
@@ -246,8 +300,13 @@ at::Tensor adam_step_inplace_cpu(const at::Tensor& params, const at::Tensor& gra
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, params.scalar_type(), "adam_step_inplace_cpu", [&] {
         using T = compute_t<scalar_t>;
+        std::vector<AdamBasis> bases;
         const std::vector<AdamScalars<T>> scalars =
-            adam_scalars<scalar_t, T>(seg, lr, beta1, beta2, eps, weight_decay, group_flags);
+            adam_scalars<T>(seg, lr, beta1, beta2, eps, weight_decay, group_flags,
+                            has_lr_e || has_wd_e ? &bases : nullptr);
+        const AdamBasis no_basis{};
+        const Elementwise<T> elem =
+            elementwise_data<T>(has_lr_e, lr_elementwise, has_wd_e, weight_decay_elementwise);
         const scalar_t* p = params.const_data_ptr<scalar_t>();
         const scalar_t* g = grads.const_data_ptr<scalar_t>();
         scalar_t* m = exp_avg.mutable_data_ptr<scalar_t>();
@@ -264,9 +323,13 @@ at::Tensor adam_step_inplace_cpu(const at::Tensor& params, const at::Tensor& gra
           }
           with_bool((f & kAdamAmsgrad) != 0, [&](auto kAmsgrad) {
             with_bool((f & kAdamDecoupled) != 0, [&](auto kDecoupled) {
-              adam_forward_chunk_inplace<decltype(kAmsgrad)::value, decltype(kDecoupled)::value>(
-                  len, p + o, g + o, m + o, v + o, kAmsgrad ? vmax + o : nullptr, p_out + o,
-                  scalars[s]);
+              with_elementwise(has_lr_e, has_wd_e, [&](auto kLr, auto kWd) {
+                adam_forward_chunk_inplace<decltype(kAmsgrad)::value, decltype(kDecoupled)::value,
+                                           decltype(kLr)::value, decltype(kWd)::value>(
+                    len, p + o, g + o, m + o, v + o, kAmsgrad ? vmax + o : nullptr,
+                    kLr ? elem.lr + o : nullptr, kWd ? elem.weight_decay + o : nullptr, p_out + o,
+                    scalars[s], bases.empty() ? no_basis : bases[s]);
+              });
             });
           });
         });
@@ -275,7 +338,7 @@ at::Tensor adam_step_inplace_cpu(const at::Tensor& params, const at::Tensor& gra
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-           at::Tensor, at::Tensor, at::Tensor>
+           at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 adam_step_backward_cpu(const at::Tensor& grad_params_out, const at::Tensor& grad_exp_avg_out,
                        const at::Tensor& grad_exp_avg_sq_out,
                        const at::Tensor& grad_max_exp_avg_sq_out, const at::Tensor& params,
@@ -284,7 +347,8 @@ adam_step_backward_cpu(const at::Tensor& grad_params_out, const at::Tensor& grad
                        const at::Tensor& segments, const at::Tensor& lr, const at::Tensor& beta1,
                        const at::Tensor& beta2, const at::Tensor& eps,
                        const at::Tensor& weight_decay, const at::Tensor& group_flags,
-                       int64_t hyper_grad_mask) {
+                       int64_t hyper_grad_mask, const std::optional<at::Tensor>& lr_elementwise,
+                       const std::optional<at::Tensor>& weight_decay_elementwise) {
   const char* op = "adam_step_backward";
   check_params(op, params);
   check_buffer(op, "grad_params_out", grad_params_out, params, /*may_be_empty=*/true);
@@ -294,13 +358,25 @@ adam_step_backward_cpu(const at::Tensor& grad_params_out, const at::Tensor& grad
                /*may_be_empty=*/true);
   const Segments seg = check_adam_args(op, params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq,
                                        segments, lr, beta1, beta2, eps, weight_decay, group_flags);
+  const bool has_lr_e = check_elementwise(op, "lr_elementwise", lr_elementwise, params);
+  const bool has_wd_e =
+      check_elementwise(op, "weight_decay_elementwise", weight_decay_elementwise, params);
   const int64_t n = params.numel();
-  const int64_t mask = hyper_grad_mask & ((1 << kAdamNumHyper) - 1);
+  // A hyperparameter given per element replaces the group's value everywhere: the [G]
+  // tensor then gets a zero gradient, the per-element one (bits kAdamNumHyper + 0, + 1)
+  // its gradient element by element.
+  int64_t mask = hyper_grad_mask & ((1 << kAdamNumHyper) - 1);
+  if (has_lr_e) mask &= ~(int64_t{1} << kAdamLr);
+  if (has_wd_e) mask &= ~(int64_t{1} << kAdamWeightDecay);
   at::Tensor grad_params = at::empty({n}, params.options());
   at::Tensor grad_grads = at::empty({n}, params.options());
   at::Tensor grad_exp_avg = at::empty({n}, params.options());
   at::Tensor grad_exp_avg_sq = at::empty({n}, params.options());
   at::Tensor grad_max = at::empty({max_exp_avg_sq.numel()}, params.options());
+  at::Tensor grad_lr_e =
+      elementwise_grad(has_lr_e && ((hyper_grad_mask >> kAdamNumHyper) & 1), params);
+  at::Tensor grad_wd_e =
+      elementwise_grad(has_wd_e && ((hyper_grad_mask >> (kAdamNumHyper + 1)) & 1), params);
   const bool has_max = max_exp_avg_sq.numel() > 0;
   const std::vector<Chunk> chunks = make_chunks(seg);
   std::vector<double> partials(mask ? chunks.size() * kAdamNumHyper : 0, 0.0);
@@ -310,8 +386,15 @@ adam_step_backward_cpu(const at::Tensor& grad_params_out, const at::Tensor& grad
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kHalf, at::kBFloat16, params.scalar_type(), "adam_step_backward_cpu", [&] {
           using T = compute_t<scalar_t>;
+          std::vector<AdamBasis> bases;
           const std::vector<AdamScalars<T>> scalars =
-              adam_scalars<scalar_t, T>(seg, lr, beta1, beta2, eps, weight_decay, group_flags);
+              adam_scalars<T>(seg, lr, beta1, beta2, eps, weight_decay, group_flags,
+                              has_lr_e || has_wd_e ? &bases : nullptr);
+          const AdamBasis no_basis{};
+          const Elementwise<T> elem =
+              elementwise_data<T>(has_lr_e, lr_elementwise, has_wd_e, weight_decay_elementwise);
+          T* glr = grad_lr_e.numel() > 0 ? grad_lr_e.mutable_data_ptr<T>() : nullptr;
+          T* gwd = grad_wd_e.numel() > 0 ? grad_wd_e.mutable_data_ptr<T>() : nullptr;
           // A 0-element upstream gradient reads as zeros (a static run of kChunk zeros that
           // every chunk indexes from 0, hence a stride of 0 for the chunk offset).
           const scalar_t* zeros = zeros_chunk<scalar_t>();
@@ -351,18 +434,27 @@ adam_step_backward_cpu(const at::Tensor& grad_params_out, const at::Tensor& grad
               copy_elements(gm + o, M_o, len);
               copy_elements(gv + o, V_o, len);
               if (has_max) copy_elements(gx + o, X_o, len);
+              if (glr != nullptr) zero_elements(glr + o, len);
+              if (gwd != nullptr) zero_elements(gwd + o, len);
               return;
             }
             if (!amsgrad && has_max) copy_elements(gx + o, X_o, len);
             double* partial = mask ? partials.data() + c * kAdamNumHyper : nullptr;
             with_bool(amsgrad, [&](auto kAmsgrad) {
               with_bool((f & kAdamDecoupled) != 0, [&](auto kDecoupled) {
-                with_bool(mask != 0, [&](auto kHyper) {
-                  adam_backward_chunk<decltype(kAmsgrad)::value, decltype(kDecoupled)::value,
-                                      decltype(kHyper)::value>(
-                      len, P_o, M_o, V_o, X_o, p + o, g + o, m + o, v + o,
-                      kAmsgrad ? vmax + o : nullptr, gp + o, gg + o, gm + o, gv + o,
-                      kAmsgrad ? gx + o : nullptr, scalars[s], partial);
+                with_elementwise(has_lr_e, has_wd_e, [&](auto kLr, auto kWd) {
+                  constexpr bool kElementwise = decltype(kLr)::value || decltype(kWd)::value;
+                  with_hyper_terms<kElementwise>(mask != 0, [&](auto kHyper) {
+                    adam_backward_chunk<decltype(kAmsgrad)::value, decltype(kDecoupled)::value,
+                                        decltype(kHyper)::value, decltype(kLr)::value,
+                                        decltype(kWd)::value>(
+                        len, P_o, M_o, V_o, X_o, p + o, g + o, m + o, v + o,
+                        kAmsgrad ? vmax + o : nullptr, kLr ? elem.lr + o : nullptr,
+                        kWd ? elem.weight_decay + o : nullptr, gp + o, gg + o, gm + o, gv + o,
+                        kAmsgrad ? gx + o : nullptr, glr != nullptr ? glr + o : nullptr,
+                        gwd != nullptr ? gwd + o : nullptr, scalars[s],
+                        bases.empty() ? no_basis : bases[s], partial);
+                  });
                 });
               });
             });
@@ -371,8 +463,8 @@ adam_step_backward_cpu(const at::Tensor& grad_params_out, const at::Tensor& grad
   }
   std::vector<at::Tensor> hyper =
       reduce_hyper_grads(partials, chunks, seg, kAdamNumHyper, mask, lr);
-  return {grad_params, grad_grads, grad_exp_avg, grad_exp_avg_sq, grad_max,
-          hyper[0],    hyper[1],   hyper[2],     hyper[3],        hyper[4]};
+  return {grad_params, grad_grads, grad_exp_avg, grad_exp_avg_sq, grad_max,  hyper[0],
+          hyper[1],    hyper[2],   hyper[3],     hyper[4],        grad_lr_e, grad_wd_e};
 }
 
 }  // namespace

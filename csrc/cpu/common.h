@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -76,8 +77,8 @@ inline int64_t check_group_flags(const char* op, const at::Tensor& group_flags,
 inline Segments check_segments(const char* op, const at::Tensor& segments, const at::Tensor& params,
                                int64_t groups) {
   check_segments_layout(op, segments, params);
-  return check_segments_values(op, segments.data_ptr<int64_t>(), segments.size(0),
-                               params.numel(), groups);
+  return check_segments_values(op, segments.data_ptr<int64_t>(), segments.size(0), params.numel(),
+                               groups);
 }
 
 inline void check_optional_needed(const char* op, const char* name, const at::Tensor& buffer,
@@ -159,6 +160,63 @@ inline void with_bool(bool b, const F& f) {
     f(std::true_type{});
   } else {
     f(std::false_type{});
+  }
+}
+
+/// A [G] hyperparameter tensor (float64, or float32 for non-float64 params: checks.h)
+/// read as float64 values.
+class HyperValues {
+ public:
+  explicit HyperValues(const at::Tensor& t)
+      : data_(t.const_data_ptr()), is_double_(t.scalar_type() == at::kDouble) {}
+  double operator[](int64_t g) const {
+    return is_double_ ? static_cast<const double*>(data_)[g]
+                      : static_cast<double>(static_cast<const float*>(data_)[g]);
+  }
+
+ private:
+  const void* data_;
+  bool is_double_;
+};
+
+/// The optional per-element hyperparameters of an op (lr_elementwise,
+/// weight_decay_elementwise), checked: the data of each, or nullptr when absent.
+template <typename T>
+struct Elementwise {
+  const T* lr;
+  const T* weight_decay;
+};
+
+template <typename T>
+inline Elementwise<T> elementwise_data(bool has_lr, const std::optional<at::Tensor>& lr,
+                                       bool has_wd, const std::optional<at::Tensor>& wd) {
+  return {has_lr ? lr->const_data_ptr<T>() : nullptr, has_wd ? wd->const_data_ptr<T>() : nullptr};
+}
+
+/// A gradient of a per-element hyperparameter: [N] in the compute dtype of params when
+/// the hyperparameter is present and its gradient is wanted, else 0 elements.
+inline at::Tensor elementwise_grad(bool wanted, const at::Tensor& params) {
+  return at::empty({wanted ? params.numel() : 0}, params.options().dtype(compute_dtype(params)));
+}
+
+/// Calls f(kLr, kWd) with whether lr_elementwise / weight_decay_elementwise are present
+/// as compile-time bools: the per-group path (both false) is its own specialisation, as
+/// fast as without them.
+template <typename F>
+inline void with_elementwise(bool lr, bool wd, const F& f) {
+  with_bool(lr, [&](auto kLr) { with_bool(wd, [&](auto kWd) { f(kLr, kWd); }); });
+}
+
+/// Calls f(kHyper): whether a backward loop computes the hyperparameter terms, which it
+/// needs for [G] gradients (`group_grads`) and always does with a per-element
+/// hyperparameter (kElementwise: its gradient is such a term); those loops then skip only
+/// the partial sums at run time, which halves their specialisations.
+template <bool kElementwise, typename F>
+inline void with_hyper_terms(bool group_grads, const F& f) {
+  if constexpr (kElementwise) {
+    f(std::true_type{});
+  } else {
+    with_bool(group_grads, f);
   }
 }
 

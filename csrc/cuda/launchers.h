@@ -56,14 +56,20 @@ struct DeviceSegments {
   int64_t numel;
 };
 
-/// The per-group hyperparameters of sgd_step on the device: [groups] each, double for
-/// float64 buffers and float otherwise; group_flags is [groups] int64.
+/// The per-group hyperparameters of sgd_step on the device: [groups] each, double when
+/// `hyper_double` (always for float64 buffers; allowed for any) and float otherwise;
+/// group_flags is [groups] int64. lr_elementwise / weight_decay_elementwise: [numel]
+/// per-element values in the compute type of the buffers (double for float64, float
+/// otherwise) that replace the group's lr / weight_decay, or nullptr when absent.
 struct SgdHyper {
   const void* lr;
   const void* momentum;
   const void* dampening;
   const void* weight_decay;
   const int64_t* group_flags;
+  bool hyper_double;
+  const void* lr_elementwise;
+  const void* weight_decay_elementwise;
 };
 
 /// The per-group hyperparameters of adam_step on the device (as SgdHyper).
@@ -74,6 +80,17 @@ struct AdamHyper {
   const void* eps;
   const void* weight_decay;
   const int64_t* group_flags;
+  bool hyper_double;
+  const void* lr_elementwise;
+  const void* weight_decay_elementwise;
+};
+
+/// The gradients of the per-element hyperparameters ([numel], compute type), written
+/// element by element by a backward (zero on inactive segments); nullptr when absent or
+/// not wanted.
+struct ElementwiseGrads {
+  void* lr;
+  void* weight_decay;
 };
 
 /// sgd_step's buffers. momentum_buffer / momentum_buffer_out are nullptr when the buffer
@@ -135,7 +152,7 @@ struct AdamBackwardBuffers {
   bool aligned;
 };
 
-/// The [groups] hyperparameter gradients (double for float64 buffers, else float).
+/// The [groups] hyperparameter gradients (double when the hyperparameters are, else float).
 struct HyperGradOutputs {
   void* out[kMaxHyper];
 };
@@ -144,28 +161,31 @@ struct HyperGradOutputs {
 void launch_sgd_step(DType dtype, const DeviceSegments& segments, const SgdHyper& hyper,
                      const SgdStepBuffers& buffers, cudaStream_t stream);
 
-/// sgd_step_backward, main pass: writes the buffer gradients and, for the hyperparameters
-/// whose bit is set in `mask`, the partial sums partials[block][group][kSgdNumHyper]
-/// (grid_blocks(numel) * groups * kSgdNumHyper doubles; unused when mask is 0).
+/// sgd_step_backward, main pass: writes the buffer gradients, the per-element
+/// hyperparameter gradients and, for the [G] hyperparameters whose bit is set in `mask`,
+/// the partial sums partials[block][group][kSgdNumHyper] (grid_blocks(numel) * groups *
+/// kSgdNumHyper doubles; unused when mask is 0).
 void launch_sgd_step_backward(DType dtype, const DeviceSegments& segments, const SgdHyper& hyper,
-                              const SgdBackwardBuffers& buffers, int64_t mask, int64_t groups,
-                              double* partials, cudaStream_t stream);
+                              const SgdBackwardBuffers& buffers,
+                              const ElementwiseGrads& elementwise_grads, int64_t mask,
+                              int64_t groups, double* partials, cudaStream_t stream);
 
 /// adam_step: one launch (as launch_sgd_step).
 void launch_adam_step(DType dtype, const DeviceSegments& segments, const AdamHyper& hyper,
                       const AdamStepBuffers& buffers, cudaStream_t stream);
 
 /// adam_step_backward, main pass (as launch_sgd_step_backward, kAdamNumHyper per group).
-void launch_adam_step_backward(DType dtype, const DeviceSegments& segments,
-                               const AdamHyper& hyper, const AdamBackwardBuffers& buffers,
-                               int64_t mask, int64_t groups, double* partials,
-                               cudaStream_t stream);
+void launch_adam_step_backward(DType dtype, const DeviceSegments& segments, const AdamHyper& hyper,
+                               const AdamBackwardBuffers& buffers,
+                               const ElementwiseGrads& elementwise_grads, int64_t mask,
+                               int64_t groups, double* partials, cudaStream_t stream);
 
 /// The second pass of a backward: out[k][g] = sum over blocks b = 0, 1, ... of
-/// partials[b][g][k] (in double, in a fixed order, then cast), for the hyperparameters
-/// whose bit is set in `mask`; zeros for the others (without reading the partials).
-/// One launch of groups * num_hyper blocks (nothing when groups is 0).
-void launch_hyper_grad_reduce(DType dtype, const double* partials, int64_t blocks,
+/// partials[b][g][k] (in double, in a fixed order, then cast to double or float as
+/// `outputs_double`), for the hyperparameters whose bit is set in `mask`; zeros for the
+/// others (without reading the partials). One launch of groups * num_hyper blocks
+/// (nothing when groups is 0).
+void launch_hyper_grad_reduce(bool outputs_double, const double* partials, int64_t blocks,
                               int64_t groups, int num_hyper, int64_t mask,
                               const HyperGradOutputs& outputs, cudaStream_t stream);
 

@@ -18,7 +18,9 @@
 
 #include <cstdint>
 #include <initializer_list>
+#include <optional>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "../checks.h"
@@ -115,19 +117,44 @@ DeviceSegments check_sgd_args(const char* op, const at::Tensor& params, const at
   at::Tensor host_flags;
   const int64_t groups =
       check_group_flags(op, group_flags, params, kSgdAllFlags, capturing, host_flags);
-  check_hyper(op, "lr", lr, params, groups);
-  check_hyper(op, "momentum", momentum, params, groups);
-  check_hyper(op, "dampening", dampening, params, groups);
-  check_hyper(op, "weight_decay", weight_decay, params, groups);
+  const at::ScalarType hyper_dtype = check_hyper_dtype(op, lr, params);
+  check_hyper(op, "lr", lr, params, groups, hyper_dtype);
+  check_hyper(op, "momentum", momentum, params, groups, hyper_dtype);
+  check_hyper(op, "dampening", dampening, params, groups, hyper_dtype);
+  check_hyper(op, "weight_decay", weight_decay, params, groups, hyper_dtype);
   check_segments(op, segments, params, groups, host_flags, momentum_buffer, "momentum_buffer",
                  kSgdMomentum, "momentum");
   return {segments.const_data_ptr<int64_t>(), segments.size(0), params.numel()};
 }
 
+/// The per-element hyperparameters, checked (csrc/checks.h): the data of each, or
+/// nullptr when absent.
+struct ElementwiseInputs {
+  const void* lr;
+  const void* weight_decay;
+};
+
+ElementwiseInputs check_elementwise_inputs(
+    const char* op, const std::optional<at::Tensor>& lr_elementwise,
+    const std::optional<at::Tensor>& weight_decay_elementwise, const at::Tensor& params) {
+  const bool has_lr = check_elementwise(op, "lr_elementwise", lr_elementwise, params);
+  const bool has_wd =
+      check_elementwise(op, "weight_decay_elementwise", weight_decay_elementwise, params);
+  return {has_lr ? lr_elementwise->const_data_ptr() : nullptr,
+          has_wd ? weight_decay_elementwise->const_data_ptr() : nullptr};
+}
+
 SgdHyper sgd_hyper(const at::Tensor& lr, const at::Tensor& momentum, const at::Tensor& dampening,
-                   const at::Tensor& weight_decay, const at::Tensor& group_flags) {
-  return {lr.const_data_ptr(), momentum.const_data_ptr(), dampening.const_data_ptr(),
-          weight_decay.const_data_ptr(), group_flags.const_data_ptr<int64_t>()};
+                   const at::Tensor& weight_decay, const at::Tensor& group_flags,
+                   const ElementwiseInputs& elementwise) {
+  return {lr.const_data_ptr(),
+          momentum.const_data_ptr(),
+          dampening.const_data_ptr(),
+          weight_decay.const_data_ptr(),
+          group_flags.const_data_ptr<int64_t>(),
+          lr.scalar_type() == at::kDouble,
+          elementwise.lr,
+          elementwise.weight_decay};
 }
 
 /// Checks every argument of adam_step (and the shared ones of its backward).
@@ -146,11 +173,12 @@ DeviceSegments check_adam_args(const char* op, const at::Tensor& params, const a
   at::Tensor host_flags;
   const int64_t groups =
       check_group_flags(op, group_flags, params, kAdamAllFlags, capturing, host_flags);
-  check_hyper(op, "lr", lr, params, groups);
-  check_hyper(op, "beta1", beta1, params, groups);
-  check_hyper(op, "beta2", beta2, params, groups);
-  check_hyper(op, "eps", eps, params, groups);
-  check_hyper(op, "weight_decay", weight_decay, params, groups);
+  const at::ScalarType hyper_dtype = check_hyper_dtype(op, lr, params);
+  check_hyper(op, "lr", lr, params, groups, hyper_dtype);
+  check_hyper(op, "beta1", beta1, params, groups, hyper_dtype);
+  check_hyper(op, "beta2", beta2, params, groups, hyper_dtype);
+  check_hyper(op, "eps", eps, params, groups, hyper_dtype);
+  check_hyper(op, "weight_decay", weight_decay, params, groups, hyper_dtype);
   check_segments(op, segments, params, groups, host_flags, max_exp_avg_sq, "max_exp_avg_sq",
                  kAdamAmsgrad, "amsgrad");
   return {segments.const_data_ptr<int64_t>(), segments.size(0), params.numel()};
@@ -158,25 +186,57 @@ DeviceSegments check_adam_args(const char* op, const at::Tensor& params, const a
 
 AdamHyper adam_hyper(const at::Tensor& lr, const at::Tensor& beta1, const at::Tensor& beta2,
                      const at::Tensor& eps, const at::Tensor& weight_decay,
-                     const at::Tensor& group_flags) {
-  return {lr.const_data_ptr(),  beta1.const_data_ptr(),        beta2.const_data_ptr(),
-          eps.const_data_ptr(), weight_decay.const_data_ptr(), group_flags.const_data_ptr<int64_t>()};
+                     const at::Tensor& group_flags, const ElementwiseInputs& elementwise) {
+  return {lr.const_data_ptr(),
+          beta1.const_data_ptr(),
+          beta2.const_data_ptr(),
+          eps.const_data_ptr(),
+          weight_decay.const_data_ptr(),
+          group_flags.const_data_ptr<int64_t>(),
+          lr.scalar_type() == at::kDouble,
+          elementwise.lr,
+          elementwise.weight_decay};
+}
+
+/// A [G] hyperparameter given per element replaces the group's value everywhere: clears
+/// its bit (the [G] tensor gets a zero gradient). `lr_bit` and `wd_bit` are the bits of
+/// lr and weight_decay among the op's num_hyper [G] hyperparameters.
+int64_t group_hyper_mask(int64_t hyper_grad_mask, int num_hyper, const ElementwiseInputs& e,
+                         int lr_bit, int wd_bit) {
+  int64_t mask = hyper_grad_mask & ((int64_t{1} << num_hyper) - 1);
+  if (e.lr != nullptr) mask &= ~(int64_t{1} << lr_bit);
+  if (e.weight_decay != nullptr) mask &= ~(int64_t{1} << wd_bit);
+  return mask;
+}
+
+/// The per-element hyperparameter gradients of a backward: [N] in the compute dtype of
+/// params for each one that is given and wanted (bits num_hyper, num_hyper + 1 of the
+/// mask), else 0 elements.
+std::pair<at::Tensor, at::Tensor> elementwise_grads(int64_t hyper_grad_mask, int num_hyper,
+                                                    const ElementwiseInputs& e,
+                                                    const at::Tensor& params) {
+  const auto options = params.options().dtype(compute_dtype(params));
+  const bool lr = e.lr != nullptr && ((hyper_grad_mask >> num_hyper) & 1);
+  const bool wd = e.weight_decay != nullptr && ((hyper_grad_mask >> (num_hyper + 1)) & 1);
+  return {at::empty({lr ? params.numel() : 0}, options),
+          at::empty({wd ? params.numel() : 0}, options)};
 }
 
 /// The [G] hyperparameter gradients of a backward: the reduce kernel over the main
-/// kernel's partials (zeros for the bits clear in `mask`), one launch.
-std::vector<at::Tensor> reduce_hyper_grads(DType dtype, const at::Tensor& partials,
-                                           int64_t blocks, int64_t groups, int num_hyper,
-                                           int64_t mask, const at::Tensor& like,
-                                           cudaStream_t stream) {
+/// kernel's partials (zeros for the bits clear in `mask`), one launch; in the dtype of
+/// `like` (the hyperparameters').
+std::vector<at::Tensor> reduce_hyper_grads(const at::Tensor& partials, int64_t blocks,
+                                           int64_t groups, int num_hyper, int64_t mask,
+                                           const at::Tensor& like, cudaStream_t stream) {
   std::vector<at::Tensor> out;
   HyperGradOutputs outputs{};
   for (int k = 0; k < num_hyper; ++k) {
     out.push_back(at::empty({groups}, like.options()));
     outputs.out[k] = groups > 0 ? out.back().mutable_data_ptr() : nullptr;
   }
-  launch_hyper_grad_reduce(dtype, mask ? partials.const_data_ptr<double>() : nullptr, blocks,
-                           groups, num_hyper, mask, outputs, stream);
+  launch_hyper_grad_reduce(like.scalar_type() == at::kDouble,
+                           mask ? partials.const_data_ptr<double>() : nullptr, blocks, groups,
+                           num_hyper, mask, outputs, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
@@ -190,7 +250,9 @@ at::Tensor make_partials(const at::Tensor& params, int64_t mask, int64_t groups,
 std::tuple<at::Tensor, at::Tensor> sgd_step_cuda(
     const at::Tensor& params, const at::Tensor& grads, const at::Tensor& momentum_buffer,
     const at::Tensor& segments, const at::Tensor& lr, const at::Tensor& momentum,
-    const at::Tensor& dampening, const at::Tensor& weight_decay, const at::Tensor& group_flags) {
+    const at::Tensor& dampening, const at::Tensor& weight_decay, const at::Tensor& group_flags,
+    const std::optional<at::Tensor>& lr_elementwise,
+    const std::optional<at::Tensor>& weight_decay_elementwise) {
   const char* op = "sgd_step";
   check_cuda_params(op, params);
   const c10::cuda::CUDAGuard guard(params.device());
@@ -198,28 +260,36 @@ std::tuple<at::Tensor, at::Tensor> sgd_step_cuda(
   const DeviceSegments seg =
       check_sgd_args(op, params, grads, momentum_buffer, segments, lr, momentum, dampening,
                      weight_decay, group_flags, is_capturing(stream));
+  const ElementwiseInputs elementwise =
+      check_elementwise_inputs(op, lr_elementwise, weight_decay_elementwise, params);
   const int64_t n = params.numel();
   at::Tensor params_out = at::empty({n}, params.options());
   at::Tensor buffer_out = at::empty({momentum_buffer.numel()}, params.options());
-  SgdStepBuffers buffers{data_or_null(params),          data_or_null(grads),
-                         data_or_null(momentum_buffer), mutable_data_or_null(params_out),
-                         mutable_data_or_null(buffer_out), false};
+  SgdStepBuffers buffers{data_or_null(params),
+                         data_or_null(grads),
+                         data_or_null(momentum_buffer),
+                         mutable_data_or_null(params_out),
+                         mutable_data_or_null(buffer_out),
+                         false};
   buffers.aligned = all_aligned({buffers.params, buffers.grads, buffers.momentum_buffer,
                                  buffers.params_out, buffers.momentum_buffer_out});
   launch_sgd_step(dtype_of(params), seg,
-                  sgd_hyper(lr, momentum, dampening, weight_decay, group_flags), buffers, stream);
+                  sgd_hyper(lr, momentum, dampening, weight_decay, group_flags, elementwise),
+                  buffers, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {params_out, buffer_out};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           at::Tensor, at::Tensor>
 sgd_step_backward_cuda(const at::Tensor& grad_params_out,
                        const at::Tensor& grad_momentum_buffer_out, const at::Tensor& params,
                        const at::Tensor& grads, const at::Tensor& momentum_buffer,
-                       const at::Tensor& segments, const at::Tensor& lr,
-                       const at::Tensor& momentum, const at::Tensor& dampening,
-                       const at::Tensor& weight_decay, const at::Tensor& group_flags,
-                       int64_t hyper_grad_mask) {
+                       const at::Tensor& segments, const at::Tensor& lr, const at::Tensor& momentum,
+                       const at::Tensor& dampening, const at::Tensor& weight_decay,
+                       const at::Tensor& group_flags, int64_t hyper_grad_mask,
+                       const std::optional<at::Tensor>& lr_elementwise,
+                       const std::optional<at::Tensor>& weight_decay_elementwise) {
   const char* op = "sgd_step_backward";
   check_cuda_params(op, params);
   check_buffer(op, "grad_params_out", grad_params_out, params, /*may_be_empty=*/true);
@@ -230,9 +300,14 @@ sgd_step_backward_cuda(const at::Tensor& grad_params_out,
   const DeviceSegments seg =
       check_sgd_args(op, params, grads, momentum_buffer, segments, lr, momentum, dampening,
                      weight_decay, group_flags, is_capturing(stream));
+  const ElementwiseInputs elementwise =
+      check_elementwise_inputs(op, lr_elementwise, weight_decay_elementwise, params);
   const int64_t n = params.numel();
   const int64_t groups = group_flags.numel();
-  const int64_t mask = hyper_grad_mask & ((1 << kSgdNumHyper) - 1);
+  const int64_t mask = group_hyper_mask(hyper_grad_mask, kSgdNumHyper, elementwise,
+                                        /*lr_bit=*/0, /*wd_bit=*/3);
+  auto [grad_lr_e, grad_wd_e] =
+      elementwise_grads(hyper_grad_mask, kSgdNumHyper, elementwise, params);
   const bool has_buffer = momentum_buffer.numel() > 0;
   at::Tensor grad_params = at::empty({n}, params.options());
   at::Tensor grad_grads = at::empty({n}, params.options());
@@ -249,23 +324,29 @@ sgd_step_backward_cuda(const at::Tensor& grad_params_out,
                              false};
   buffers.aligned =
       all_aligned({buffers.grad_params_out, buffers.grad_momentum_buffer_out, buffers.params,
-                   buffers.grads, buffers.momentum_buffer, buffers.grad_params,
-                   buffers.grad_grads, buffers.grad_momentum_buffer});
-  const DType dtype = dtype_of(params);
-  launch_sgd_step_backward(dtype, seg, sgd_hyper(lr, momentum, dampening, weight_decay, group_flags),
-                           buffers, mask, groups,
-                           mask ? partials.mutable_data_ptr<double>() : nullptr, stream);
+                   buffers.grads, buffers.momentum_buffer, buffers.grad_params, buffers.grad_grads,
+                   buffers.grad_momentum_buffer});
+  const ElementwiseGrads grads_elementwise{mutable_data_or_null(grad_lr_e),
+                                           mutable_data_or_null(grad_wd_e)};
+  launch_sgd_step_backward(
+      dtype_of(params), seg,
+      sgd_hyper(lr, momentum, dampening, weight_decay, group_flags, elementwise), buffers,
+      grads_elementwise, mask, groups, mask ? partials.mutable_data_ptr<double>() : nullptr,
+      stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  std::vector<at::Tensor> hyper = reduce_hyper_grads(dtype, partials, grid_blocks(n), groups,
-                                                     kSgdNumHyper, mask, lr, stream);
-  return {grad_params, grad_grads, grad_buffer, hyper[0], hyper[1], hyper[2], hyper[3]};
+  std::vector<at::Tensor> hyper =
+      reduce_hyper_grads(partials, grid_blocks(n), groups, kSgdNumHyper, mask, lr, stream);
+  return {grad_params, grad_grads, grad_buffer, hyper[0], hyper[1],
+          hyper[2],    hyper[3],   grad_lr_e,   grad_wd_e};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> adam_step_cuda(
     const at::Tensor& params, const at::Tensor& grads, const at::Tensor& exp_avg,
     const at::Tensor& exp_avg_sq, const at::Tensor& max_exp_avg_sq, const at::Tensor& segments,
     const at::Tensor& lr, const at::Tensor& beta1, const at::Tensor& beta2, const at::Tensor& eps,
-    const at::Tensor& weight_decay, const at::Tensor& group_flags) {
+    const at::Tensor& weight_decay, const at::Tensor& group_flags,
+    const std::optional<at::Tensor>& lr_elementwise,
+    const std::optional<at::Tensor>& weight_decay_elementwise) {
   const char* op = "adam_step";
   check_cuda_params(op, params);
   const c10::cuda::CUDAGuard guard(params.device());
@@ -273,6 +354,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> adam_step_cuda(
   const DeviceSegments seg =
       check_adam_args(op, params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, segments, lr, beta1,
                       beta2, eps, weight_decay, group_flags, is_capturing(stream));
+  const ElementwiseInputs elementwise =
+      check_elementwise_inputs(op, lr_elementwise, weight_decay_elementwise, params);
   const int64_t n = params.numel();
   at::Tensor params_out = at::empty({n}, params.options());
   at::Tensor exp_avg_out = at::empty({n}, params.options());
@@ -288,18 +371,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> adam_step_cuda(
                           mutable_data_or_null(exp_avg_sq_out),
                           mutable_data_or_null(max_out),
                           false};
-  buffers.aligned = all_aligned({buffers.params, buffers.grads, buffers.exp_avg,
-                                 buffers.exp_avg_sq, buffers.max_exp_avg_sq, buffers.params_out,
-                                 buffers.exp_avg_out, buffers.exp_avg_sq_out,
-                                 buffers.max_exp_avg_sq_out});
+  buffers.aligned = all_aligned({buffers.params, buffers.grads, buffers.exp_avg, buffers.exp_avg_sq,
+                                 buffers.max_exp_avg_sq, buffers.params_out, buffers.exp_avg_out,
+                                 buffers.exp_avg_sq_out, buffers.max_exp_avg_sq_out});
   launch_adam_step(dtype_of(params), seg,
-                   adam_hyper(lr, beta1, beta2, eps, weight_decay, group_flags), buffers, stream);
+                   adam_hyper(lr, beta1, beta2, eps, weight_decay, group_flags, elementwise),
+                   buffers, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {params_out, exp_avg_out, exp_avg_sq_out, max_out};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-           at::Tensor, at::Tensor, at::Tensor>
+           at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 adam_step_backward_cuda(const at::Tensor& grad_params_out, const at::Tensor& grad_exp_avg_out,
                         const at::Tensor& grad_exp_avg_sq_out,
                         const at::Tensor& grad_max_exp_avg_sq_out, const at::Tensor& params,
@@ -308,7 +391,8 @@ adam_step_backward_cuda(const at::Tensor& grad_params_out, const at::Tensor& gra
                         const at::Tensor& segments, const at::Tensor& lr, const at::Tensor& beta1,
                         const at::Tensor& beta2, const at::Tensor& eps,
                         const at::Tensor& weight_decay, const at::Tensor& group_flags,
-                        int64_t hyper_grad_mask) {
+                        int64_t hyper_grad_mask, const std::optional<at::Tensor>& lr_elementwise,
+                        const std::optional<at::Tensor>& weight_decay_elementwise) {
   const char* op = "adam_step_backward";
   check_cuda_params(op, params);
   check_buffer(op, "grad_params_out", grad_params_out, params, /*may_be_empty=*/true);
@@ -321,9 +405,14 @@ adam_step_backward_cuda(const at::Tensor& grad_params_out, const at::Tensor& gra
   const DeviceSegments seg =
       check_adam_args(op, params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, segments, lr, beta1,
                       beta2, eps, weight_decay, group_flags, is_capturing(stream));
+  const ElementwiseInputs elementwise =
+      check_elementwise_inputs(op, lr_elementwise, weight_decay_elementwise, params);
   const int64_t n = params.numel();
   const int64_t groups = group_flags.numel();
-  const int64_t mask = hyper_grad_mask & ((1 << kAdamNumHyper) - 1);
+  const int64_t mask = group_hyper_mask(hyper_grad_mask, kAdamNumHyper, elementwise,
+                                        /*lr_bit=*/0, /*wd_bit=*/4);
+  auto [grad_lr_e, grad_wd_e] =
+      elementwise_grads(hyper_grad_mask, kAdamNumHyper, elementwise, params);
   const bool has_max = max_exp_avg_sq.numel() > 0;
   at::Tensor grad_params = at::empty({n}, params.options());
   at::Tensor grad_grads = at::empty({n}, params.options());
@@ -351,15 +440,18 @@ adam_step_backward_cuda(const at::Tensor& grad_params_out, const at::Tensor& gra
        buffers.grad_max_exp_avg_sq_out, buffers.params, buffers.grads, buffers.exp_avg,
        buffers.exp_avg_sq, buffers.max_exp_avg_sq, buffers.grad_params, buffers.grad_grads,
        buffers.grad_exp_avg, buffers.grad_exp_avg_sq, buffers.grad_max_exp_avg_sq});
-  const DType dtype = dtype_of(params);
-  launch_adam_step_backward(dtype, seg, adam_hyper(lr, beta1, beta2, eps, weight_decay, group_flags),
-                            buffers, mask, groups,
-                            mask ? partials.mutable_data_ptr<double>() : nullptr, stream);
+  const ElementwiseGrads grads_elementwise{mutable_data_or_null(grad_lr_e),
+                                           mutable_data_or_null(grad_wd_e)};
+  launch_adam_step_backward(
+      dtype_of(params), seg,
+      adam_hyper(lr, beta1, beta2, eps, weight_decay, group_flags, elementwise), buffers,
+      grads_elementwise, mask, groups, mask ? partials.mutable_data_ptr<double>() : nullptr,
+      stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  std::vector<at::Tensor> hyper = reduce_hyper_grads(dtype, partials, grid_blocks(n), groups,
-                                                     kAdamNumHyper, mask, lr, stream);
-  return {grad_params, grad_grads, grad_exp_avg, grad_exp_avg_sq, grad_max,
-          hyper[0],    hyper[1],   hyper[2],     hyper[3],        hyper[4]};
+  std::vector<at::Tensor> hyper =
+      reduce_hyper_grads(partials, grid_blocks(n), groups, kAdamNumHyper, mask, lr, stream);
+  return {grad_params, grad_grads, grad_exp_avg, grad_exp_avg_sq, grad_max,  hyper[0],
+          hyper[1],    hyper[2],   hyper[3],     hyper[4],        grad_lr_e, grad_wd_e};
 }
 
 }  // namespace

@@ -15,8 +15,8 @@ namespace {
 /// sums in a fixed pattern. A hyperparameter whose bit in `mask` is clear gets 0.
 template <typename H>
 __global__ void __launch_bounds__(kThreads)
-    hyper_grad_reduce_kernel(const double* partials, int64_t blocks, int64_t groups,
-                             int num_hyper, int64_t mask, HyperGradOutputs outputs) {
+    hyper_grad_reduce_kernel(const double* partials, int64_t blocks, int64_t groups, int num_hyper,
+                             int64_t mask, HyperGradOutputs outputs) {
   const int64_t g = blockIdx.x / num_hyper;
   const int k = static_cast<int>(blockIdx.x % num_hyper);
   H* out = static_cast<H*>(outputs.out[k]);
@@ -41,12 +41,12 @@ __global__ void __launch_bounds__(kThreads)
 
 }  // namespace
 
-void launch_hyper_grad_reduce(DType dtype, const double* partials, int64_t blocks,
+void launch_hyper_grad_reduce(bool outputs_double, const double* partials, int64_t blocks,
                               int64_t groups, int num_hyper, int64_t mask,
                               const HyperGradOutputs& outputs, cudaStream_t stream) {
   const int64_t grid = groups * num_hyper;
   if (grid == 0) return;
-  if (dtype == DType::kFloat64) {
+  if (outputs_double) {
     hyper_grad_reduce_kernel<double><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(
         partials, blocks, groups, num_hyper, mask, outputs);
   } else {

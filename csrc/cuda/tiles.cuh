@@ -115,6 +115,44 @@ __device__ __forceinline__ void store_pack(S* p, int64_t i, const Pack<S>& r, in
   }
 }
 
+/// kVec<S> values of the compute type of S: the per-element hyperparameters (and their
+/// gradients) of one pack of elements.
+template <typename S>
+struct ComputePack {
+  compute_t<S> v[kVec<S>];
+};
+
+/// The `valid` values p[i], p[i + 1], ... of a per-element hyperparameter (zeros past
+/// them, or all zeros when p is nullptr). Element by element: these buffers have the
+/// compute type, wider than S for half types, so one 16-byte access would not cover them.
+template <typename S>
+__device__ __forceinline__ ComputePack<S> load_compute(const compute_t<S>* p, int64_t i,
+                                                       int valid) {
+  ComputePack<S> r;
+#pragma unroll
+  for (int e = 0; e < kVec<S>; ++e) {
+    r.v[e] = (p != nullptr && e < valid) ? p[i + e] : compute_t<S>(0);
+  }
+  return r;
+}
+
+/// Stores the first `valid` values of r at p + i; nothing when p is nullptr.
+template <typename S>
+__device__ __forceinline__ void store_compute(compute_t<S>* p, int64_t i, const ComputePack<S>& r,
+                                              int valid) {
+  if (p == nullptr) return;
+#pragma unroll
+  for (int e = 0; e < kVec<S>; ++e) {
+    if (e < valid) p[i + e] = r.v[e];
+  }
+}
+
+/// A [G] hyperparameter value as double: `p` holds doubles when `is_double`, else floats.
+__device__ __forceinline__ double hyper_value(const void* p, bool is_double, int64_t g) {
+  return is_double ? static_cast<const double*>(p)[g]
+                   : static_cast<double>(static_cast<const float*>(p)[g]);
+}
+
 // ---- the walk -------------------------------------------------------------------------
 
 /// Calls f(i, valid) for this thread's groups of kVec<S> consecutive elements of
@@ -139,6 +177,15 @@ __device__ __forceinline__ void copy_range(S* dst, const S* src, int64_t lo, int
   if (dst == nullptr) return;
   walk<S>(lo, hi, [&](int64_t i, int valid) {
     store_pack(dst, i, load_pack(src, i, valid, vector), valid, vector);
+  });
+}
+
+/// Zeroes [lo, hi) of a per-element hyperparameter gradient (nothing when dst is nullptr).
+template <typename S>
+__device__ __forceinline__ void zero_compute_range(compute_t<S>* dst, int64_t lo, int64_t hi) {
+  if (dst == nullptr) return;
+  walk<S>(lo, hi, [&](int64_t i, int valid) {
+    store_compute<S>(dst, i, load_compute<S>(nullptr, i, valid), valid);
   });
 }
 
@@ -190,8 +237,8 @@ __device__ __forceinline__ void for_each_overlap(const DeviceSegments& seg, bool
 /// type) into shared memory unless it already holds them; every thread gets a copy.
 /// Called by all threads of the block with the same s. `slot_segment` starts at -1.
 template <typename Scalars, typename Make>
-__device__ __forceinline__ Scalars block_scalars(Scalars& slot, int64_t& slot_segment,
-                                                 int64_t s, const Make& make) {
+__device__ __forceinline__ Scalars block_scalars(Scalars& slot, int64_t& slot_segment, int64_t s,
+                                                 const Make& make) {
   if (slot_segment != s) {
     __syncthreads();  // every thread has read the previous scalars
     if (threadIdx.x == 0) {
@@ -247,6 +294,18 @@ __device__ __forceinline__ void zero_block_slice(double* partials, int64_t group
 template <typename F>
 __device__ __forceinline__ void with_bool(bool b, const F& f) {
   if (b) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
+/// Calls f(kElementwise) with whether any per-element hyperparameter is given as a
+/// compile-time bool (a host helper of the launchers): the per-group kernel is its own
+/// specialisation, as fast as without them; one more serves every per-element case.
+template <typename F>
+inline void dispatch_elementwise(bool any, const F& f) {
+  if (any) {
     f(std::true_type{});
   } else {
     f(std::false_type{});

@@ -87,11 +87,16 @@ def _extra_flags() -> list[str]:
 
 def _cflags() -> list[str]:
     # -fno-math-errno lets gcc vectorise sqrt (Adam is 2-8x slower without it).
-    return ["-O3", "-fopenmp", "-fno-math-errno", "-march=native"] + _extra_flags()
+    # -ffp-contract=off: a * b + c rounds twice, as two torch ops do; gcc would otherwise
+    # fuse it into one multiply-add (csrc/segments.h, [note: rounding]).
+    return ["-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=off",
+            "-march=native"] + _extra_flags()
 
 
 def _cuda_cflags() -> list[str]:
-    return ["-O3"]
+    # --fmad=false: no multiply-add contraction, as -ffp-contract=off for the CPU build, so
+    # that both backends round as the per-tensor torch ops (csrc/segments.h).
+    return ["-O3", "--fmad=false"]
 
 
 def _ninja_on_path() -> None:

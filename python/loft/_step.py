@@ -12,6 +12,11 @@ through every later update (as in ``higher``). When the views are intact views o
 previous step's flat buffer (the usual case), that buffer is handed to the kernel
 directly: no copy.
 
+Per-element hyperparameters (Meta-SGD's learned lr per weight): ``elementwise=(lr_elementwise,
+weight_decay_elementwise)``, flat ``[N]`` buffers in the op's compute dtype that replace
+the group's values (either may have 0 elements: absent). They are inputs of the same
+node, and get their gradients from the same backward kernel.
+
 Saved for the backward: the weights (the previous buffer, or the views), the
 per-tensor gradients, the state buffers and the hyperparameters; the flat gradient is
 rebuilt in the backward instead of being kept twice. When the backward runs under grad
@@ -94,7 +99,11 @@ def _split(bucket: Bucket, flat: Tensor, wanted: Sequence[bool]) -> list[Tensor 
 
 
 class _BucketStep(torch.autograd.Function):
-    """``(views, grads, state, hyper, segments, flags) -> (new views, new state)``."""
+    """``(views, grads, state, hyper, elementwise, segments, flags) -> (new views, new state)``.
+
+    ``elementwise`` is empty or ``(lr_elementwise, weight_decay_elementwise)``: it lies
+    between the ``len(spec.hyper)`` hyperparameters and the segment table.
+    """
 
     @staticmethod
     def forward(ctx: Any, spec: _Spec, bucket: Bucket, base: Tensor | None,  # type: ignore[override]
@@ -103,27 +112,32 @@ class _BucketStep(torch.autograd.Function):
         n_state = spec.num_outputs - 1
         views, grads = tensors[:s], tensors[s:2 * s]
         state = tensors[2 * s:2 * s + n_state]
-        hyper = tensors[2 * s + n_state:-2]
+        first_hyper_tensor = 2 * s + n_state
+        hyper = tensors[first_hyper_tensor:first_hyper_tensor + len(spec.hyper)]
+        elementwise = tensors[first_hyper_tensor + len(spec.hyper):-2]
         segments, flags = tensors[-2], tensors[-1]
         like = next(t for t in (*views, *state) if t is not None)
         params = base if base is not None else _cat(bucket, views, like)
         fn = spec.forward_fn(params.device)
         outs = _with_flat(bucket, grads, like, 0,
                           lambda flat_grads: fn(params, flat_grads, *state, segments, *hyper,
-                                                flags))
+                                                flags, *elementwise))
         ctx.spec, ctx.bucket, ctx.n_state = spec, bucket, n_state
+        ctx.n_elementwise = len(elementwise)
         ctx.grad_present = [g is not None for g in grads]
-        first_hyper = 3 + 2 * s + n_state
+        first_hyper = 3 + first_hyper_tensor
+        # Hyperparameter gradients (group or per element) read the buffers' values.
         ctx.values_saved = spec.values_needed or any(ctx.needs_input_grad[first_hyper:-2])
         if ctx.values_saved:
             ctx.save_for_backward(base if base is not None else params, *views,
                                   *[g for g in grads if g is not None], *state, segments,
-                                  *hyper, flags)
+                                  *hyper, *elementwise, flags)
         else:
             # Linear in the buffers and no hyperparameter gradient wanted: the backward
-            # reads none of their values (docs/ops.md), so none is kept.
+            # reads none of their values (docs/ops.md), so none is kept; a per-element lr
+            # or weight decay is a factor of the gradients, so it is kept.
             ctx.state_numels = [t.numel() for t in state]
-            ctx.save_for_backward(segments, *hyper, flags)
+            ctx.save_for_backward(segments, *hyper, *elementwise, flags)
         ctx.set_materialize_grads(False)
         return tuple(bucket.plain_views(outs[0])) + tuple(outs[1:])
 
@@ -142,27 +156,53 @@ class _BucketStep(torch.autograd.Function):
         grads = [next(present) if p else None for p in ctx.grad_present]
         rest = saved[1 + s + n_grads:]
         state, segments = rest[:n_state], rest[n_state]
-        hyper, flags = rest[n_state + 1:-1], rest[-1]
+        hyper, elementwise = _hyper_and_elementwise(ctx, rest[n_state + 1:-1])
+        flags = rest[-1]
 
-        needs = ctx.needs_input_grad  # (spec, bucket, base, views..., grads..., state..., hyper...)
-        first_hyper = 3 + 2 * s + n_state
-        mask = 0
-        for k in range(len(spec.hyper)):
-            if needs[first_hyper + k]:
-                mask |= 1 << k
         differentiable = torch.is_grad_enabled()
         if differentiable:
             # Rebuild the flat inputs with differentiable ops so that a second backward
             # reaches the views and the per-tensor gradients.
             params_flat = _cat(bucket, views, params_flat)
         fn = spec.backward_fn(params_flat.device, differentiable=differentiable)
+        mask = _hyper_grad_mask(ctx)
 
         def run(flat_grads: Tensor) -> Any:
             return _with_upstream(bucket, grad_outputs, params_flat, lambda up, up_state: fn(
-                up, *up_state, params_flat, flat_grads, *state, segments, *hyper, flags, mask))
+                up, *up_state, params_flat, flat_grads, *state, segments, *hyper, flags, mask,
+                *elementwise))
 
-        through = grad_outputs[:s] if _params_pass_through(spec, hyper) else None
+        through = grad_outputs[:s] if _params_pass_through(
+            spec, _weight_decay_in_effect(spec, hyper, elementwise)) else None
         return _input_grads(ctx, _with_flat(bucket, grads, params_flat, 0, run), through)
+
+
+def _hyper_and_elementwise(ctx: Any, saved: Sequence[Tensor]
+                           ) -> tuple[Sequence[Tensor], Sequence[Tensor]]:
+    """The saved ``[G]`` hyperparameters and per-element ones (empty, or two)."""
+    split = len(saved) - ctx.n_elementwise
+    return saved[:split], saved[split:]
+
+
+def _hyper_grad_mask(ctx: Any) -> int:
+    """The backward kernel's hyper_grad_mask: bit k for the k-th ``[G]`` hyperparameter,
+    bits H and H + 1 for the per-element ones, where they require grad."""
+    spec: _Spec = ctx.spec
+    needs = ctx.needs_input_grad  # (spec, bucket, base, views..., grads..., state..., hyper...)
+    first_hyper = 3 + 2 * len(ctx.bucket.numels) + ctx.n_state
+    wanted = needs[first_hyper:first_hyper + len(spec.hyper) + ctx.n_elementwise]
+    return sum(1 << k for k, want in enumerate(wanted) if want)
+
+
+def _weight_decay_in_effect(spec: _Spec, hyper: Sequence[Tensor],
+                            elementwise: Sequence[Tensor]) -> Sequence[Tensor]:
+    """``hyper`` with the ``[G]`` weight decay replaced by the per-element one where that is
+    given (the group's value is then used by no element)."""
+    if len(elementwise) < 2 or elementwise[1].numel() == 0:
+        return hyper
+    effective = list(hyper)
+    effective[spec.hyper.index("weight_decay")] = elementwise[1]
+    return effective
 
 
 def _with_upstream(bucket: Bucket, grad_outputs: Sequence[Tensor | None], like: Tensor,
@@ -185,7 +225,8 @@ def _params_pass_through(spec: _Spec, hyper: Sequence[Tensor]) -> bool:
     weight decay is 0 in every group (``p' = p - delta`` with ``delta`` independent of
     ``p``; the kernels then return ``P`` exactly, ``P * (1 - lr * 0)`` for AdamW). Not
     when the weight decay requires grad (the gradient then depends on it), and only read
-    on the CPU (on CUDA the check would synchronise)."""
+    on the CPU (on CUDA the check would synchronise). ``hyper`` holds the weight decay in
+    effect: the per-element one where it is given (:func:`_weight_decay_in_effect`)."""
     wd = hyper[spec.hyper.index("weight_decay")]
     return wd.device.type == "cpu" and not wd.requires_grad and not bool(wd.any())
 
@@ -205,6 +246,7 @@ def _input_grads(ctx: Any, result: Sequence[Tensor],
     s, n_state = len(bucket.numels), ctx.n_state
     needs = ctx.needs_input_grad
     first_hyper = 3 + 2 * s + n_state
+    num_hyper = len(spec.hyper)
     out: list[Tensor | None] = [None, None, None]
     if upstream_views is not None:
         like = result[0]  # the kernel's dense copy: zeros where the upstream had none
@@ -218,7 +260,9 @@ def _input_grads(ctx: Any, result: Sequence[Tensor],
     out += [g if needs[3 + 2 * s + i] else None
             for i, g in enumerate(result[2:spec.num_buffers])]
     out += [g if needs[first_hyper + k] else None
-            for k, g in enumerate(result[spec.num_buffers:])]
+            for k, g in enumerate(result[spec.num_buffers:spec.num_buffers + num_hyper])]
+    out += [result[spec.num_buffers + num_hyper + k] if needs[first_hyper + num_hyper + k]
+            else None for k in range(ctx.n_elementwise)]
     out += [None, None]  # segments, flags
     return tuple(out)
 
@@ -226,16 +270,18 @@ def _input_grads(ctx: Any, result: Sequence[Tensor],
 def _linear_backward(ctx: Any, grad_outputs: Sequence[Tensor | None]) -> tuple:
     """The backward of a step that is linear in its buffers (SGD) when no hyperparameter
     gradient is wanted: the kernel's buffer gradients then depend on the upstream
-    gradients, the segment table and the hyperparameters only, so any tensor of the right
-    size stands in for the weights, gradients and momentum buffer it did not keep."""
+    gradients, the segment table and the hyperparameters only (a per-element lr or
+    weight decay included), so any tensor of the right size stands in for the weights,
+    gradients and momentum buffer it did not keep."""
     spec: _Spec = ctx.spec
     bucket: Bucket = ctx.bucket
     s = len(bucket.numels)
-    segments, *hyper, flags = ctx.saved_tensors
+    segments, *rest, flags = ctx.saved_tensors
+    hyper, elementwise = _hyper_and_elementwise(ctx, rest)
     view_grads = grad_outputs[:s]
     state_grads = grad_outputs[s:]
     present = [g for g in (*view_grads, *state_grads) if g is not None]
-    n_inputs = 3 + 2 * s + ctx.n_state + len(hyper) + 2
+    n_inputs = 3 + 2 * s + ctx.n_state + len(hyper) + ctx.n_elementwise + 2
     if not present:
         return (None,) * n_inputs
     fn = spec.backward_fn(present[0].device, differentiable=torch.is_grad_enabled())
@@ -246,16 +292,18 @@ def _linear_backward(ctx: Any, grad_outputs: Sequence[Tensor | None]) -> tuple:
         stand_in = stand_in.detach()
         state = [stand_in if n else stand_in.new_empty(0) for n in ctx.state_numels]
         return fn(upstream_params, *upstream_state, stand_in, stand_in, *state, segments,
-                  *hyper, flags, 0)
+                  *hyper, flags, 0, *elementwise)
 
-    through = view_grads if _params_pass_through(spec, hyper) else None
+    through = view_grads if _params_pass_through(
+        spec, _weight_decay_in_effect(spec, hyper, elementwise)) else None
     return _input_grads(ctx, _with_upstream(bucket, grad_outputs, present[0], run), through)
 
 
 def bucket_step(spec: _Spec, bucket: Bucket, base: Tensor | None, views: Sequence[Tensor],
                 grads: Sequence[Tensor | None], state: Sequence[Tensor],
                 hyper: Sequence[Tensor], segments: Tensor,
-                flags: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+                flags: Tensor, *, elementwise: Sequence[Tensor] = ()
+                ) -> tuple[list[Tensor], list[Tensor]]:
     """One fused step of ``spec`` over ``bucket``, as one autograd node.
 
     Args:
@@ -268,12 +316,16 @@ def bucket_step(spec: _Spec, bucket: Bucket, base: Tensor | None, views: Sequenc
         state: the flat state buffers in the op's order (0 elements where unused).
         hyper: the ``[G]`` hyperparameter tensors in the op's order.
         segments, flags: the segment table and group flags (``docs/ops.md``).
+        elementwise: ``()`` or ``(lr_elementwise, weight_decay_elementwise)``: flat
+            ``[N]`` per-element values in the op's compute dtype that replace the group's
+            lr / weight decay (either may have 0 elements: absent); their gradients come
+            back when they require grad.
 
     Returns:
         The new weights as views of one new flat buffer, and the new state buffers.
     """
-    outs = _apply(_BucketStep, spec, bucket, base, *views, *grads, *state, *hyper, segments,
-                  flags)
+    outs = _apply(_BucketStep, spec, bucket, base, *views, *grads, *state, *hyper, *elementwise,
+                  segments, flags)
     s = len(bucket.numels)
     return list(outs[:s]), list(outs[s:])
 
@@ -296,11 +348,14 @@ class _Shift(torch.autograd.Function):
 def shift_step(spec: _Spec, bucket: Bucket, base: Tensor | None, views: Sequence[Tensor],
                grads: Sequence[Tensor | None], state: Sequence[Tensor],
                hyper: Sequence[Tensor], segments: Tensor, flags: Tensor,
-               state_in_place: bool = False) -> tuple[list[Tensor], list[Tensor]]:
+               state_in_place: bool = False, *, elementwise: Sequence[Tensor] = ()
+               ) -> tuple[list[Tensor], list[Tensor]]:
     """:func:`bucket_step` for an update ``p' = p - delta`` whose ``delta`` depends on
-    nothing that requires grad (the caller checks): the step runs without a graph, and
-    the new weights are differentiable with respect to the old ``views`` with derivative
-    1, through one node that saves nothing. The new state does not require grad.
+    nothing that requires grad (the caller checks, the per-element hyperparameters in
+    ``elementwise`` included, and that no weight decay ties ``delta`` to ``p``): the step
+    runs without a graph, and the new weights are differentiable with respect to the old
+    ``views`` with derivative 1, through one node that saves nothing. The new state does
+    not require grad.
 
     ``state_in_place``: the caller is the only holder of ``state`` (no view, no saved
     reference), so the kernel may overwrite it with the new state where it can
@@ -313,7 +368,7 @@ def shift_step(spec: _Spec, bucket: Bucket, base: Tensor | None, views: Sequence
         fn = inplace if inplace is not None else spec.forward_fn(params.device)
         outs = _with_flat(bucket, grads, like, 0,
                           lambda flat_grads: fn(params, flat_grads, *state, segments, *hyper,
-                                                flags))
+                                                flags, *elementwise))
     # The in-place kernel returns the new params alone; the state is then ``state``.
     new_params, new_state = (outs, list(state)) if inplace is not None else (outs[0],
                                                                              list(outs[1:]))

@@ -93,9 +93,13 @@ def nvcc_command(nvcc: str, source: Path, output: Path, src: Path,
     """
     from torch.utils.cpp_extension import include_paths
 
+    from loft._ext import _cuda_cflags
+
     torch_includes = [Path(p) for p in include_paths()]
-    command = [nvcc, "-c", str(source), "-o", str(output), "-std=c++20", "-O3",
-               f"-I{src}", "--compiler-options", "-fPIC"]
+    # loft's own nvcc flags, as the JIT build's (--fmad=false: the kernels round as the
+    # CPU build, csrc/segments.h); the host side without contraction as well.
+    command = [nvcc, "-c", str(source), "-o", str(output), "-std=c++20", *_cuda_cflags(),
+               f"-I{src}", "--compiler-options", "-fPIC,-ffp-contract=off"]
     for include in torch_includes:
         command += ["-isystem", str(include)]
     if not any((p / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h").is_file()

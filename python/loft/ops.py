@@ -26,11 +26,15 @@ from torch import Tensor
 
 from loft import _ext, reference
 
-__all__ = ["sgd_step", "adam_step", "SGD_HYPER", "ADAM_HYPER"]
+__all__ = ["sgd_step", "adam_step", "SGD_HYPER", "ADAM_HYPER", "ELEMENTWISE"]
 
 #: Hyperparameter names, in schema order (bit k of hyper_grad_mask is the k-th).
 SGD_HYPER = ("lr", "momentum", "dampening", "weight_decay")
 ADAM_HYPER = ("lr", "beta1", "beta2", "eps", "weight_decay")
+#: The optional per-element hyperparameters, last in every op's schema (the backward ops
+#: take them after hyper_grad_mask); bits H and H + 1 of hyper_grad_mask, with H the
+#: number of [G] hyperparameters, ask for their gradients.
+ELEMENTWISE = ("lr_elementwise", "weight_decay_elementwise")
 
 
 class _Spec:
@@ -50,6 +54,9 @@ class _Spec:
         self.segments_index = num_buffers
         self.hyper_start = num_buffers + 1
         self.num_outputs = num_buffers - 1  # every buffer but grads
+        # The forward's inputs before the per-element hyperparameters: buffers, segments,
+        # hyperparameters, group_flags.
+        self.num_inputs = num_buffers + 1 + len(self.hyper) + 1
         self._kernels: dict[str, Callable[..., Any]] = {}
 
     def _kernel(self, suffix: str) -> Callable[..., Any]:
@@ -97,6 +104,12 @@ _SGD = _Spec("sgd_step", 3, SGD_HYPER, values_needed=False)
 _ADAM = _Spec("adam_step", 5, ADAM_HYPER, values_needed=True, inplace=True)
 
 
+def _elementwise_mask(spec: _Spec, wanted: Sequence[bool]) -> int:
+    """The hyper_grad_mask bits of the per-element hyperparameters whose gradient is
+    ``wanted`` (bits H, H + 1)."""
+    return sum(1 << (len(spec.hyper) + k) for k, want in enumerate(wanted) if want)
+
+
 def _backward(spec: _Spec, ctx: Any, grad_outputs: Sequence[Tensor | None]) -> tuple:
     saved = ctx.saved_tensors
     params = saved[0]
@@ -104,14 +117,20 @@ def _backward(spec: _Spec, ctx: Any, grad_outputs: Sequence[Tensor | None]) -> t
     # Autograd may hand over expanded or strided gradients; the kernels read flat memory.
     upstream = [g.contiguous() if g is not None else empty for g in grad_outputs]
     needs = ctx.needs_input_grad
+    forward_inputs = saved[:spec.num_inputs]
+    elementwise = list(saved[spec.num_inputs:])
+    elementwise += [None] * (len(ELEMENTWISE) - len(elementwise))
     mask = 0
     for k in range(len(spec.hyper)):
         if needs[spec.hyper_start + k]:
             mask |= 1 << k
+    mask |= _elementwise_mask(spec, needs[spec.num_inputs:])
     fn = spec.backward_fn(params.device, differentiable=torch.is_grad_enabled())
-    result = fn(*upstream, *saved, mask)
+    result = fn(*upstream, *forward_inputs, mask, *elementwise)
+    num_hyper = len(spec.hyper)
     buffer_grads = list(result[: spec.num_buffers])
-    hyper_grads = list(result[spec.num_buffers:])
+    hyper_grads = list(result[spec.num_buffers:spec.num_buffers + num_hyper])
+    elementwise_grads = list(result[spec.num_buffers + num_hyper:])
     out: list[Tensor | None] = []
     for i, g in enumerate(buffer_grads):
         out.append(g if needs[i] else None)
@@ -119,6 +138,8 @@ def _backward(spec: _Spec, ctx: Any, grad_outputs: Sequence[Tensor | None]) -> t
     for k, g in enumerate(hyper_grads):
         out.append(g if needs[spec.hyper_start + k] else None)
     out.append(None)  # group_flags
+    for k, need in enumerate(needs[spec.num_inputs:]):
+        out.append(elementwise_grads[k] if need else None)
     return tuple(out)
 
 
@@ -166,6 +187,8 @@ def sgd_step(
     dampening: Tensor,
     weight_decay: Tensor,
     group_flags: Tensor,
+    lr_elementwise: Tensor | None = None,
+    weight_decay_elementwise: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     r"""Differentiable fused SGD step over one flat bucket (``torch.ops.loft.sgd_step``).
 
@@ -176,12 +199,15 @@ def sgd_step(
         b' = g_2 \text{ (first) or } \mu b + (1-\tau) g_2,\quad
         p' = p - \eta\,(g_2 + \mu b' \text{ | } b' \text{ | } g_2)
 
-    (nesterov | momentum | plain). Arguments and flags: ``docs/ops.md``.
+    (nesterov | momentum | plain); higher's ``p - lr * g`` with a tensor ``lr`` shaped like
+    the parameter (Meta-SGD) is ``lr_elementwise``: ``[N]`` values that replace the
+    group's :math:`\eta` for every element (likewise ``weight_decay_elementwise`` for
+    :math:`\lambda`; None or 0 elements: absent). Arguments and flags: ``docs/ops.md``.
     Returns ``(params_out, momentum_buffer_out)``; differentiable (twice) with respect
-    to the buffers and the ``[G]`` hyperparameter tensors.
+    to the buffers, the ``[G]`` hyperparameter tensors and the per-element ones.
     """
     return _SGDStep.apply(params, grads, momentum_buffer, segments, lr, momentum, dampening,
-                          weight_decay, group_flags)
+                          weight_decay, group_flags, lr_elementwise, weight_decay_elementwise)
 
 
 def adam_step(
@@ -197,6 +223,8 @@ def adam_step(
     eps: Tensor,
     weight_decay: Tensor,
     group_flags: Tensor,
+    lr_elementwise: Tensor | None = None,
+    weight_decay_elementwise: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     r"""Differentiable fused Adam/AdamW step over one flat bucket (``torch.ops.loft.adam_step``).
 
@@ -208,11 +236,15 @@ def adam_step(
 
     with :math:`u = \max(v_{max}, v')` under amsgrad, and either L2 decay
     (:math:`g_2 = \pm g + \lambda p`) or AdamW's decoupled decay
-    (:math:`p_0 = (1 - \eta\lambda) p`). Arguments and flags: ``docs/ops.md``.
-    Returns ``(params_out, exp_avg_out, exp_avg_sq_out, max_exp_avg_sq_out)``.
+    (:math:`p_0 = (1 - \eta\lambda) p`). ``lr_elementwise`` / ``weight_decay_elementwise``:
+    ``[N]`` values that replace the group's :math:`\eta` / :math:`\lambda` for every
+    element, in every term that contains them (None or 0 elements: absent). Arguments and
+    flags: ``docs/ops.md``. Returns ``(params_out, exp_avg_out, exp_avg_sq_out,
+    max_exp_avg_sq_out)``.
     """
     return _AdamStep.apply(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, segments, lr,
-                           beta1, beta2, eps, weight_decay, group_flags)
+                           beta1, beta2, eps, weight_decay, group_flags, lr_elementwise,
+                           weight_decay_elementwise)
 
 
 # --------------------------------------------------------------------------------------
@@ -232,45 +264,62 @@ def _fake_forward(spec: _Spec) -> Callable[..., Any]:
 
 def _fake_backward(spec: _Spec) -> Callable[..., Any]:
     def fake(*args: Any) -> tuple[Tensor, ...]:
-        inputs = args[spec.num_outputs:-1]
+        mask_index = spec.num_outputs + spec.num_inputs
+        inputs = args[spec.num_outputs:mask_index]
+        mask = args[mask_index]
+        elementwise = list(args[mask_index + 1:]) + [None] * len(ELEMENTWISE)
         buffers = inputs[: spec.num_buffers]
         hyper = inputs[spec.hyper_start: spec.hyper_start + len(spec.hyper)]
-        return tuple(b.new_empty(b.numel()) for b in buffers) + tuple(
+        params = buffers[0]
+        elementwise_dtype = reference.compute_dtype(params.dtype)
+        grads = tuple(b.new_empty(b.numel()) for b in buffers) + tuple(
             h.new_empty(h.numel()) for h in hyper
         )
+        for k in range(len(ELEMENTWISE)):
+            e = elementwise[k]
+            wanted = e is not None and e.numel() > 0 and (mask >> (len(spec.hyper) + k)) & 1
+            grads += (params.new_empty(params.numel() if wanted else 0, dtype=elementwise_dtype),)
+        return grads
 
     return fake
 
 
 def _backward_of_backward(spec: _Spec) -> tuple[Callable[..., Any], Callable[..., Any]]:
     """Autograd for ``*_backward`` ops: the VJP of the differentiable reference formulas."""
-    # Positions among the backward op's tensor inputs: the upstream gradients and the
-    # buffers (one run), then the hyperparameters.
+    # Positions among the backward op's inputs: the upstream gradients and the buffers
+    # (one run), the hyperparameters, and the per-element hyperparameters after the mask.
+    mask_index = spec.num_outputs + spec.num_inputs
     differentiable = set(range(spec.num_outputs + spec.num_buffers)) | {
         spec.num_outputs + spec.hyper_start + k for k in range(len(spec.hyper))
-    }
+    } | {mask_index + 1 + k for k in range(len(ELEMENTWISE))}
 
     def setup(ctx: Any, inputs: tuple, output: Any) -> None:
-        ctx.save_for_backward(*[x for x in inputs if isinstance(x, Tensor)])
-        ctx.mask = inputs[-1]
+        ctx.positions = [i for i, x in enumerate(inputs) if isinstance(x, Tensor)]
+        ctx.num_inputs = len(inputs)
+        ctx.mask = inputs[mask_index]
+        ctx.save_for_backward(*[inputs[i] for i in ctx.positions])
 
     def backward(ctx: Any, *grads: Tensor | None) -> tuple:
-        saved = list(ctx.saved_tensors)
+        args: list[Any] = [None] * ctx.num_inputs
+        args[mask_index] = ctx.mask
         with torch.enable_grad():
-            leaves = [x.detach().requires_grad_(i in differentiable and x.is_floating_point())
-                      for i, x in enumerate(saved)]
-            outs = getattr(reference, spec.name + "_backward")(*leaves, ctx.mask, check=False)
+            leaves = []
+            for i, x in zip(ctx.positions, ctx.saved_tensors):
+                args[i] = x.detach().requires_grad_(i in differentiable and x.is_floating_point())
+                leaves.append(args[i])
+            outs = getattr(reference, spec.name + "_backward")(*args, check=False)
             pairs = [(o, g) for o, g in zip(outs, grads)
                      if g is not None and o.requires_grad and o.numel() > 0]
             wrt = [x for x in leaves if x.requires_grad]
             got = torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs],
                                       allow_unused=True) if pairs else [None] * len(wrt)
         it = iter(got)
-        result = []
-        for x in leaves:
-            g = next(it) if x.requires_grad else None
-            result.append(torch.zeros_like(x) if (g is None and x.requires_grad) else g)
-        return tuple(result) + (None,)
+        result: list[Tensor | None] = [None] * ctx.num_inputs
+        for i, x in zip(ctx.positions, leaves):
+            if x.requires_grad:
+                g = next(it)
+                result[i] = torch.zeros_like(x) if g is None else g
+        return tuple(result)
 
     return setup, backward
 
