@@ -326,10 +326,9 @@ def test_innerloop_ctx_equals_higher_bit_for_bit(seed: int) -> None:
     dict(lr=0.1, momentum=0.9),
     dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
     dict(lr=0.05, momentum=0.9, dampening=0.5),  # 0.5: exact in float32
-    pytest.param(dict(lr=0.05, momentum=0.9, dampening=0.058), marks=pytest.mark.xfail(
-        strict=True, reason="loft's optimiser passes float32 [G] hyperparameters: "
-        "1 - float32(0.058) rounds to another float32 than higher's 1 - 0.058; the ops "
-        "take float64 ones (docs/ops.md, Rounding)")),
+    # 1 - float32(0.058) is another float32 than higher's 1 - 0.058: loft's optimiser
+    # passes float64 [G] hyperparameters (docs/ops.md, Rounding).
+    dict(lr=0.05, momentum=0.9, dampening=0.058),
 ], ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
 def test_innerloop_ctx_with_momentum_equals_higher_bit_for_bit(options: dict[str, Any]) -> None:
     """The same with momentum, nesterov (its first step's summation order), weight decay

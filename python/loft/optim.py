@@ -667,16 +667,25 @@ class _FlatOptimizer(DifferentiableOptimizer):
                tuple(tuple(vs) for vs in values.values())) if numbers else None
         if key is not None and key in self._hyper_cache:
             return (*self._hyper_cache[key], {})
-        hdt = reference.compute_dtype(b.dtype)
         per_element = [name for name, vs in values.items() if any(map(_is_per_element, vs))]
-        hyper = {name: hyper_tensor([0.0 if _is_per_element(v) else v for v in vs], hdt,
-                                    b.device) for name, vs in values.items()}
+        hyper = {name: hyper_tensor([0.0 if _is_per_element(v) else v for v in vs],
+                                    self._hyper_dtype(b), b.device)
+                 for name, vs in values.items()}
         flag_tensor = torch.tensor(flags, dtype=torch.int64, device=b.device)
         if key is not None:
             self._hyper_cache.clear()
             self._hyper_cache[key] = (hyper, flag_tensor)
-        return hyper, flag_tensor, {name: self._elementwise(b, name, values[name], hdt)
+        ct = reference.compute_dtype(b.dtype)
+        return hyper, flag_tensor, {name: self._elementwise(b, name, values[name], ct)
                                     for name in per_element}
+
+    def _hyper_dtype(self, b: Bucket) -> torch.dtype:
+        """The dtype of bucket ``b``'s ``[G]`` hyperparameters. The fused ops take float64
+        for any bucket: they then form ``1 - dampening``, ``1 - beta2`` and the bias
+        corrections from the exact values, as torch.optim and higher do in Python (a
+        float32 ``dampening`` of 0.058 gives another ``1 - dampening``). The reference
+        math of the others computes in the compute dtype, as torch.optim does."""
+        return torch.float64 if self._spec is not None else reference.compute_dtype(b.dtype)
 
     def _elementwise(self, b: Bucket, name: str, group_values: list[Any],
                      dtype: torch.dtype) -> Tensor:
@@ -903,17 +912,17 @@ class _FlatOptimizer(DifferentiableOptimizer):
         """:meth:`_hyper_and_flags` for tensor ``j`` of group ``g`` alone (a one-tensor,
         one-group bucket)."""
         values = self._group_hyper(self.param_groups[g])
-        hdt = reference.compute_dtype(b.dtype)
+        ct = reference.compute_dtype(b.dtype)
         hyper, elementwise = {}, {}
         for name in self._hyper_names:
             v = values[name]
             if _is_per_element(v):
                 _check_broadcast(f"param_groups[{g}][{self._hyper_key(name)!r}]", j, v,
                                  b.shapes[0])
-                elementwise[name] = v.to(device=b.device, dtype=hdt).broadcast_to(
+                elementwise[name] = v.to(device=b.device, dtype=ct).broadcast_to(
                     b.shapes[0]).reshape(-1)
                 v = 0.0
-            hyper[name] = hyper_tensor([v], hdt, b.device)
+            hyper[name] = hyper_tensor([v], self._hyper_dtype(b), b.device)
         return hyper, torch.tensor(flags, dtype=torch.int64, device=b.device), elementwise
 
     def _write_entry(self, entry: dict[str, Any], step: int, step_dtype: torch.dtype | None,
@@ -992,7 +1001,7 @@ def _kernel_elementwise(elementwise: dict[str, Tensor],
     0-element tensor for one given per group); nothing when neither is per element."""
     if not elementwise:
         return {}
-    empty = hyper["lr"].new_empty(0)
+    empty = next(iter(elementwise.values())).new_empty(0)
     return {"elementwise": (elementwise.get("lr", empty), elementwise.get("weight_decay", empty))}
 
 
