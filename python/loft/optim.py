@@ -436,6 +436,8 @@ class _FlatOptimizer(DifferentiableOptimizer):
     :meth:`_update` (the same math, one tensor at a time, on ``self.state``'s dicts).
     """
 
+    #: Per-element state buffers, in the op's order (each one value per element).
+    _state_names: tuple[str, ...] = ()
     #: One-value-per-tensor state buffers ([S] per bucket; ASGD's eta and mu), with the
     #: value a tensor without state starts from.
     _segment_state_names: dict[str, float] = {}

@@ -753,15 +753,7 @@ class FunctionalModule(_MonkeyPatchBase):
     def forward(self, *args: Any, params: Iterable[Tensor] | None = None, **kwargs: Any) -> Any:
         """``module(*args, **kwargs)`` on the fast weights; ``params`` given are recorded
         as the new fast weights first, as higher does."""
-        history = self._fast_params
-        if params is not None:
-            self.update_params(params)
-        elif history is None:
-            raise ValueError(_NO_WEIGHTS)
-        elif history[-1] is not self._loft_written:
-            # The history was changed behind update_params' back (fmodel._fast_params
-            # assigned or appended to, as higher allows): run on its latest entry.
-            self._write(history[-1])
+        self._refill_params_box(params)
         state = self.__dict__
         state["_loft_calls"] = self._loft_calls + 1
         try:
@@ -783,6 +775,8 @@ class FunctionalModule(_MonkeyPatchBase):
         elif history is None:
             raise ValueError(_NO_WEIGHTS)
         elif history[-1] is not self._loft_written:
+            # The history was changed behind update_params' back (fmodel._fast_params
+            # assigned or appended to, as higher allows): run on its latest entry.
             self._write(history[-1])
 
     def state_dict(self, *args: Any, destination: Any = None, prefix: str = "",
