@@ -13,21 +13,14 @@ from typing import Any
 import higher
 import pytest
 import torch
-from torch import nn
 
 import loft
+from _tiny import tiny_batches, tiny_mlp
 
 F64 = dict(rtol=1e-11, atol=1e-12)
 
 
-def _model(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
-
-
-def _batches(n: int, seed: int = 1) -> list[torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(5, 3, generator=gen, dtype=torch.float64) for _ in range(n)]
+_model, _batches = tiny_mlp, tiny_batches
 
 
 def _clipping_update(base: type) -> type:
