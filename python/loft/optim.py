@@ -13,6 +13,7 @@ parameters sharing a (device, dtype), flattened into one buffer per quantity.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -945,7 +946,8 @@ class _FlatOptimizer(DifferentiableOptimizer):
 #: The hyperparameters the fused kernels take per element (others: the reference path).
 _KERNEL_ELEMENTWISE = ("lr", "weight_decay")
 
-_FLAT_ENGINE_CACHE: dict[type, bool] = {}
+#: Per class (weakly held: subclasses made at run time are freed with their users).
+_FLAT_ENGINE_CACHE: weakref.WeakKeyDictionary[type, bool] = weakref.WeakKeyDictionary()
 
 
 def _uses_flat_engine(cls: type) -> bool:
