@@ -37,17 +37,25 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
-import json
 import os
-import statistics
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+# The report (medians, ratios, targets, table, JSON, plot) lives with the suite's in
+# loft.bench.results; its names stay importable from here.
+from loft.bench.results import (  # noqa: F401 - TARGET_STEPS, summarize: their old home
+    LONG_MODES,
+    RATIOS,
+    TARGET_STEPS,
+    WARMUP_STEPS,
+    LongResult,
+    Ratio,
+    summarize,
+)
 
 __all__ = [
     "LONG_MODES",
@@ -61,8 +69,6 @@ __all__ = [
     "run_long_suite",
 ]
 
-#: The ways of running the inner loop, in table order.
-LONG_MODES = ("full", "checkpoint", "truncate", "first_order")
 DEFAULT_LONG_STEPS = (100, 300, 600, 1000)
 DEFAULT_LONG_REPEATS = 5
 LONG_QUICK: dict[str, Any] = {"steps": (20, 40), "repeats": 1}
@@ -73,11 +79,6 @@ BATCH = 32
 LR = 1e-3
 CHECKPOINT_EVERY = 17
 TRUNCATE_EVERY = 20
-#: Steps of the warm-up run: enough for one checkpoint segment boundary and one cut,
-#: small enough that its peak stays far below the measured run's.
-WARMUP_STEPS = 24
-#: The number of inner steps at which the issue's targets are stated.
-TARGET_STEPS = 300
 
 
 # ---- the workload ---------------------------------------------------------------------
@@ -215,187 +216,6 @@ def measure_long(mode: str, steps: int, seed: int = 0) -> dict[str, Any]:
 def run_long_spec(spec: dict[str, Any]) -> dict[str, Any]:
     """The worker's entry for ``{"suite": "long", "mode": ..., "steps": ...}``."""
     return measure_long(spec["mode"], int(spec["steps"]), int(spec.get("seed", 0)))
-
-
-# ---- the ratios -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Ratio:
-    """``numerator_mode``'s ``metric`` over ``denominator_mode``'s, and its bound."""
-
-    name: str
-    numerator_mode: str
-    denominator_mode: str
-    metric: str  # a key of a summary row
-    bound: float
-    at_most: bool
-
-    def value(self, rows: dict[str, dict[str, Any]]) -> float | None:
-        """The ratio from the summary rows of one T, keyed by mode (None if missing)."""
-        top = rows.get(self.numerator_mode, {}).get(self.metric)
-        bottom = rows.get(self.denominator_mode, {}).get(self.metric)
-        if top is None or not bottom:
-            return None
-        return top / bottom
-
-    def check(self, value: float | None) -> bool | None:
-        if value is None:
-            return None
-        return value <= self.bound if self.at_most else value >= self.bound
-
-    @property
-    def text(self) -> str:
-        return f"{'<=' if self.at_most else '>='} {self.bound:g}"
-
-
-#: The issue's ratios (targets stated at T = 300).
-RATIOS: tuple[Ratio, ...] = (
-    Ratio("checkpoint/full peak memory", "checkpoint", "full", "peak_rss_growth_bytes",
-          0.25, True),
-    Ratio("checkpoint/full total time", "checkpoint", "full", "total_s", 2.0, True),
-    Ratio("truncate/full peak memory", "truncate", "full", "peak_rss_growth_bytes",
-          0.15, True),
-    Ratio("full/first_order inner time", "full", "first_order", "inner_s", 1.5, False),
-)
-
-_SUMMED = ("inner_s", "query_s", "meta_backward_s", "total_s", "peak_rss_growth_bytes")
-
-
-def summarize(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Medians over the repeats of each (mode, T), with every repeat's values."""
-    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
-    for r in records:
-        if "error" not in r:
-            groups.setdefault((r["mode"], int(r["steps"])), []).append(r)
-    order = {m: i for i, m in enumerate(LONG_MODES)}
-    rows = []
-    for (mode, steps), runs in sorted(groups.items(), key=lambda kv: (kv[0][1],
-                                                                      order[kv[0][0]])):
-        row: dict[str, Any] = {"mode": mode, "steps": steps, "repeats": len(runs)}
-        for key in _SUMMED:
-            values = [r[key] for r in runs]
-            row[key] = statistics.median(values)
-            row[key + "_all"] = values
-        row["meta_grad_norm"] = runs[0].get("meta_grad_norm")
-        rows.append(row)
-    return rows
-
-
-# ---- the report -----------------------------------------------------------------------
-
-
-@dataclass
-class LongResult:
-    """Everything one ``--long`` run produced: meta data and one record per process."""
-
-    meta: dict[str, Any]
-    records: list[dict[str, Any]]
-
-    @property
-    def errors(self) -> list[dict[str, Any]]:
-        return [r for r in self.records if "error" in r]
-
-    @property
-    def summary(self) -> list[dict[str, Any]]:
-        return summarize(self.records)
-
-    def _by_steps(self) -> dict[int, dict[str, dict[str, Any]]]:
-        by: dict[int, dict[str, dict[str, Any]]] = {}
-        for row in self.summary:
-            by.setdefault(row["steps"], {})[row["mode"]] = row
-        return by
-
-    def ratios(self) -> dict[int, dict[str, float | None]]:
-        """Every ratio of :data:`RATIOS` at every measured T."""
-        return {steps: {r.name: r.value(rows) for r in RATIOS}
-                for steps, rows in sorted(self._by_steps().items())}
-
-    def target_rows(self) -> list[dict[str, Any]]:
-        """The issue's targets at T = 300, if T = 300 was measured."""
-        rows = self._by_steps().get(TARGET_STEPS)
-        if rows is None:
-            return []
-        return [{"ratio": r.name, "steps": TARGET_STEPS, "value": r.value(rows),
-                 "target": r.text, "met": r.check(r.value(rows))} for r in RATIOS]
-
-    def table(self) -> str:
-        """The medians per (mode, T), the ratios per T and the targets, as text."""
-        lines = self._summary_lines() + [""] + self._ratio_lines()
-        targets = self.target_rows()
-        if not targets:
-            lines += ["", f"(The issue's targets are stated at T={TARGET_STEPS}, not measured "
-                          f"in this run.)"]
-        else:
-            lines += ["", f"Targets at T={TARGET_STEPS} ({self.meta.get('threads')} "
-                          f"thread(s), cpu; noisy on a loaded machine):"]
-            for row in targets:
-                mark = {True: "met", False: "MISSED", None: "n/a"}[row["met"]]
-                lines.append(f"  {row['ratio']:<30} {_fmt(row['value'], '8.3f')}  "
-                             f"target {row['target']:<7} {mark}")
-        for r in self.errors:
-            lines.append(f"error: {r.get('mode')}/T={r.get('steps')}: {r['error']}")
-        return "\n".join(lines)
-
-    def _summary_lines(self) -> list[str]:
-        header = (f"{'mode':<12} {'T':>5} {'inner ms':>10} {'meta-bwd ms':>11} "
-                  f"{'total ms':>10} {'peakRSS MB':>10} {'runs':>4}")
-        lines = [header, "-" * len(header)]
-        previous = None
-        for row in self.summary:
-            if previous is not None and row["steps"] != previous:
-                lines.append("")
-            previous = row["steps"]
-            lines.append(f"{row['mode']:<12} {row['steps']:>5} {row['inner_s'] * 1e3:>10.1f} "
-                         f"{row['meta_backward_s'] * 1e3:>11.1f} {row['total_s'] * 1e3:>10.1f} "
-                         f"{row['peak_rss_growth_bytes'] / 1e6:>10.1f} {row['repeats']:>4}")
-        lines.append("")
-        lines.append(f"Medians over fresh processes (one timed run each, after a "
-                     f"{WARMUP_STEPS}-step warm-up). total = inner + query forward + "
-                     f"meta-backward; peakRSS: peak RSS growth over that run.")
-        return lines
-
-    def _ratio_lines(self) -> list[str]:
-        names = [r.name for r in RATIOS]
-        lines = [f"{'T':>5}  " + "  ".join(f"{n:>28}" for n in names)]
-        for steps, values in self.ratios().items():
-            lines.append(f"{steps:>5}  " + "  ".join(f"{_fmt(values[n], '28.3f')}"
-                                                     for n in names))
-        return lines
-
-    def to_json(self) -> dict[str, Any]:
-        return {"meta": self.meta, "records": self.records, "summary": self.summary,
-                "ratios": {str(k): v for k, v in self.ratios().items()},
-                "targets": self.target_rows()}
-
-    def save(self, out_dir: str | os.PathLike[str], plot: bool = True) -> dict[str, Path]:
-        """Write ``long.json``, ``long.txt`` and (if ``plot``) ``long.png``.
-
-        The plot comes last: if it fails, :class:`loft.bench.plotting.PlotError` is
-        raised with the JSON and the table already written.
-        """
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        paths = {"json": out / "long.json", "table": out / "long.txt"}
-        paths["json"].write_text(json.dumps(self.to_json(), indent=1))
-        paths["table"].write_text(self.table() + "\n")
-        if plot:
-            from loft.bench.plotting import plot_long, write_plot
-
-            write_plot(plot_long, self, out / "long.png", paths)
-        return paths
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> LongResult:
-        data = json.loads(Path(path).read_text())
-        return cls(data["meta"], data["records"])
-
-
-def _fmt(value: float | None, spec: str) -> str:
-    """``format(value, spec)``, or a dash as wide (``spec`` starts with the width)."""
-    if value is None:
-        return "-".rjust(int(spec.split(".")[0]))
-    return format(value, spec)
 
 
 # ---- the suite ------------------------------------------------------------------------

@@ -10,6 +10,11 @@ one line per mode (full, checkpoint, truncate, first_order).
 The plot is the one optional output (matplotlib, the ``bench`` extra): the results' JSON
 and table are written first, and :func:`write_plot` turns any failure of the plot into a
 :class:`PlotError` that lists the files already written.
+
+This module imports nothing from loft: it reads only the attributes it draws
+(:class:`SuiteFigures`, :class:`LongFigures`, which :class:`loft.bench.results.SuiteResult`
+and :class:`loft.bench.results.LongResult` have), so that the results, which call it
+from their ``save``, can import it without a cycle.
 """
 
 from __future__ import annotations
@@ -17,13 +22,26 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from loft.bench.long import LongResult
-    from loft.bench.suite import SuiteResult
+__all__ = ["plot_results", "plot_long", "write_plot", "PlotError", "SuiteFigures",
+           "LongFigures"]
 
-__all__ = ["plot_results", "plot_long", "write_plot", "PlotError"]
+
+class SuiteFigures(Protocol):
+    """What :func:`plot_results` reads (a :class:`loft.bench.results.SuiteResult`)."""
+
+    meta: dict[str, Any]
+    derived: list[dict[str, Any]]
+
+
+class LongFigures(Protocol):
+    """What :func:`plot_long` reads (a :class:`loft.bench.results.LongResult`)."""
+
+    meta: dict[str, Any]
+
+    @property
+    def summary(self) -> list[dict[str, Any]]: ...
 
 
 class PlotError(RuntimeError):
@@ -61,7 +79,7 @@ _PANELS = (
 )
 
 
-def plot_results(result: SuiteResult, path: str | os.PathLike[str]) -> Path:
+def plot_results(result: SuiteFigures, path: str | os.PathLike[str]) -> Path:
     """Draw ``result`` into the PNG file ``path`` (matplotlib, Agg backend)."""
     import matplotlib
 
@@ -113,7 +131,7 @@ _LONG_PANELS = (
 )
 
 
-def plot_long(result: LongResult, path: str | os.PathLike[str]) -> Path:
+def plot_long(result: LongFigures, path: str | os.PathLike[str]) -> Path:
     """Draw the ``--long`` suite's medians into the PNG file ``path`` (Agg backend)."""
     import matplotlib
 
