@@ -15,10 +15,14 @@ section and not checked. An object exported under several paths
 (``loft.get_diff_optim`` is ``loft.optim.get_diff_optim``) is documented by any one of
 them, and a method by its class or by a public loft class it inherits it from
 (``DifferentiableSGD.step`` by ``DifferentiableOptimizer.step``).
+
+The version policy of CHANGELOG.md is checked here too: ``loft.__version__`` and
+setup.py's version agree, and the changelog has a section for it.
 """
 
 from __future__ import annotations
 
+import ast
 import functools
 import importlib
 import inspect
@@ -29,6 +33,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 API_DOC = ROOT / "docs" / "api.md"
+CHANGELOG = ROOT / "CHANGELOG.md"
 
 #: The modules whose public names docs/api.md must document.
 MODULES = ("loft", "loft.optim", "loft.patch", "loft.utils", "loft.unroll", "loft.bench")
@@ -142,3 +147,26 @@ def test_the_walk_finds_names_of_each_kind() -> None:
         "loft.optim.DifferentiableSGD.step"]
     assert entries["loft.optim.get_diff_optim"] == {"loft.get_diff_optim",
                                                     "loft.optim.get_diff_optim"}
+
+
+def _setup_version() -> str:
+    """The ``version=`` literal of setup.py's ``setup(...)`` call."""
+    for node in ast.walk(ast.parse((ROOT / "setup.py").read_text())):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "setup":
+            for keyword in node.keywords:
+                if keyword.arg == "version":
+                    return ast.literal_eval(keyword.value)
+    raise AssertionError("setup.py: no setup(version=...) found")
+
+
+def test_the_version_is_stated_once_in_each_place() -> None:
+    """CHANGELOG.md's policy: ``loft.__version__`` and setup.py's version agree, and the
+    changelog has a section for that version."""
+    import loft
+
+    assert loft.__version__ == _setup_version(), (
+        f"python/loft/__init__.py says {loft.__version__}, setup.py says "
+        f"{_setup_version()}: bump both (CHANGELOG.md, Versions)")
+    headings = [line for line in CHANGELOG.read_text().splitlines() if line.startswith("## ")]
+    assert any(line.split()[1] == loft.__version__ for line in headings), (
+        f"CHANGELOG.md has no '## {loft.__version__} (date)' section")
