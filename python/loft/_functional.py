@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from loft._patched_module import _NO_WEIGHTS, _MonkeyPatchBase, _refresh_flat_weights
-from loft._patched_tree import _Patcher, _twin_tree
+from loft._patched_tree import _Patcher, _twin_root
 
 
 def _patched_parameters(self: FunctionalModule, recurse: bool = True,
@@ -62,8 +62,10 @@ class FunctionalModule(_MonkeyPatchBase):
     fast weights (higher's root ``MonkeyPatched`` class).
 
     ``_fast_params`` is the history (higher's name, which programs edit): a list with one
-    list of tensors per recorded step (``_times`` holds each entry's step). The root of
-    a patched ``cls`` is an instance of a subclass of ``FunctionalModule`` and of ``cls``.
+    list of tensors per recorded step (``_times`` holds each entry's step). Beyond
+    higher, :meth:`history`, :meth:`set_history` and :meth:`twin` read, replace and copy
+    it. The root of a patched ``cls`` is an instance of a subclass of
+    ``FunctionalModule`` and of ``cls``.
     """
 
     _fast_params: list[list[Tensor]] | None
@@ -217,13 +219,28 @@ class FunctionalModule(_MonkeyPatchBase):
             text = f"steps {shown} only (the checkpoints of loft.unroll)"
         return text
 
-    def _replace_history(self, times: list[int], entries: list[list[Tensor]]) -> None:
-        """Keep only ``entries``, the fast weights after the steps ``times`` (ascending)."""
+    def history(self) -> tuple[list[int], list[list[Tensor]]]:
+        """``(times, entries)``: ``entries[k] == list(self.parameters(time=times[k]))``.
+
+        New lists: changing them leaves the model alone. A loft extension (higher has
+        none; its programs read ``_fast_params``).
+        """
+        history = self._fast_params
+        return list(self._times), [] if history is None else [list(e) for e in history]
+
+    def set_history(self, times: list[int], entries: list[list[Tensor]]) -> None:
+        """Keep only ``entries``, the fast weights after the steps ``times``; run on the last.
+
+        ``times`` ascending, one per entry; both are copied. A loft extension (higher has
+        none).
+        """
         state = self.__dict__
         state["_fast_params"] = [list(e) for e in entries]
         state["_times"] = list(times)
         if entries:
             self._write(state["_fast_params"][-1])
+
+    _replace_history = set_history  # alias until unroll/optim switch
 
     parameters = _patched_parameters  # type: ignore[assignment]
 
@@ -315,29 +332,25 @@ class FunctionalModule(_MonkeyPatchBase):
             with torch.no_grad():
                 targets[name].copy_(buf)
 
-    def _twin(self) -> FunctionalModule:
-        """An independent patched copy, for :func:`loft.unroll`'s replays.
+    def twin(self) -> FunctionalModule:
+        """An independent copy from the latest fast weights, for :func:`loft.unroll`'s replays.
 
         Its own patched modules, parameter slots and history (one entry: the current
         fast weights); the same attributes, hook registries and ``_buffers`` dicts as
-        this one, so buffers it updates (BatchNorm statistics) are this model's.
+        this one, so buffers it updates (BatchNorm statistics) are this model's. A loft
+        extension (higher has none).
         """
         fast = self.fast_params
         if fast is None:
-            raise ValueError("_twin: the patched model has no fast weights yet")
-        memo: dict[int, _MonkeyPatchBase] = {}
-        param_dicts: dict[int, dict[str, Any]] = {}
-        root = _twin_tree(self, memo, param_dicts, None)
+            raise ValueError("twin: the patched model has no fast weights yet")
+        root = _twin_root(self)
         state = root.__dict__
-        state["_loft_slots"] = [(param_dicts[id(params)], name, i)
-                                for params, name, i in self._loft_slots
-                                if id(params) in param_dicts]
-        state["_loft_inner"] = [memo[id(m)] for m in self._loft_inner if id(m) in memo]
-        state["_loft_recurrent"] = [memo[id(m)] for m in self._loft_recurrent if id(m) in memo]
         state["_fast_params"] = [list(fast)]
         state["_times"] = [self._times[-1]]
         root._write(state["_fast_params"][-1])
         return root  # type: ignore[return-value]
+
+    _twin = twin  # alias until unroll/optim switch
 
 
 def _build(module: nn.Module, device: torch.device | str | None,

@@ -235,7 +235,7 @@ class _Patcher:
 def _twin_tree(patched: _MonkeyPatchBase, memo: dict[int, _MonkeyPatchBase],
                param_dicts: dict[int, dict[str, Any]], root_ref: Any) -> _MonkeyPatchBase:
     """A copy of the patched tree under ``patched`` with its own parameter slots and
-    children, sharing everything else (see :meth:`~loft.patch.FunctionalModule._twin`)."""
+    children, sharing everything else (see :meth:`~loft.patch.FunctionalModule.twin`)."""
     twin = object.__new__(type(patched))
     memo[id(patched)] = twin
     state = twin.__dict__
@@ -254,4 +254,20 @@ def _twin_tree(patched: _MonkeyPatchBase, memo: dict[int, _MonkeyPatchBase],
             child = _twin_tree(child, memo, param_dicts, root_ref) if known is None else known
         children[name] = child
     state["_modules"] = children
+    return twin
+
+
+def _twin_root(root: Any) -> Any:
+    """A twin of the patched tree under ``root`` (a :class:`~loft.patch.FunctionalModule`)
+    whose slot tables (``_loft_slots``, ``_loft_inner``, ``_loft_recurrent``) point into
+    the twin; its history is left to the caller."""
+    memo: dict[int, _MonkeyPatchBase] = {}
+    param_dicts: dict[int, dict[str, Any]] = {}
+    twin = _twin_tree(root, memo, param_dicts, None)
+    state = twin.__dict__
+    state["_loft_slots"] = [(param_dicts[id(params)], name, i)
+                            for params, name, i in root._loft_slots
+                            if id(params) in param_dicts]
+    state["_loft_inner"] = [memo[id(m)] for m in root._loft_inner if id(m) in memo]
+    state["_loft_recurrent"] = [memo[id(m)] for m in root._loft_recurrent if id(m) in memo]
     return twin
