@@ -66,6 +66,9 @@ class FunctionalModule(_MonkeyPatchBase):
     higher, :meth:`history`, :meth:`set_history` and :meth:`twin` read, replace and copy
     it. The root of a patched ``cls`` is an instance of a subclass of
     ``FunctionalModule`` and of ``cls``.
+
+    Its state is written straight into ``__dict__``: on the per-step path that skips the
+    patched ``__setattr__`` (the fast-weight rule) and ``nn.Module``'s type dispatch.
     """
 
     _fast_params: list[list[Tensor]] | None

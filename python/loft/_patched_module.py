@@ -266,7 +266,7 @@ def _flatten_parameters(self: nn.Module) -> None:
 
 def _refresh_flat_weights(module: nn.Module) -> None:
     """Point an RNN's ``_flat_weights`` (what its forward reads) at the fast weights."""
-    state = module.__dict__
+    state = module.__dict__  # written directly: skips the patched and the RNN __setattr__
     params = state["_parameters"]
     weights = [params.get(name) for name in state["_flat_weights_names"]]
     state["_flat_weights"] = weights

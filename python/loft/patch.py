@@ -23,10 +23,16 @@ higher builds it, without copying anything higher does not copy:
 - ``fmodel.parameters(time=i)`` returns the fast weights after ``i`` updates (``time=0``:
   the initial weights). Unlike higher, asking for a step that is not recorded (any step
   but the latest when ``track_higher_grads=False``) raises instead of silently returning
-  the latest weights.
+  the latest weights. ``fmodel.history()``, ``fmodel.set_history(times, entries)`` and
+  ``fmodel.twin()`` (loft extensions) read, replace and copy the history.
 
 Modules wrapped for multi-device training (``DistributedDataParallel``,
 ``DataParallel``, FSDP) are refused with an error that says what to do instead.
+
+This module is the API (every name of ``higher.patch``); the code lives by concept in
+:mod:`loft._patched_module` (the patched modules), :mod:`loft._patched_tree` (their
+classes and the copy of a module tree) and :mod:`loft._functional` (the root and its
+history), which import nothing back from here.
 """
 
 from __future__ import annotations
