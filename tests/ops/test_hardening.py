@@ -5,28 +5,42 @@ Valid but unusual models (several dtypes, several devices, zero-size and non-con
 parameters) must give the reference backend's numbers. NaN and Inf in gradients (and
 weights) must propagate as torch.optim propagates them. Malformed direct op calls raise
 ``RuntimeError`` naming the argument (``_bad_op_args``), also under AddressSanitizer
-(``asan_ops.py``).
+(``tools/asan_ops.py``).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
-import _bad_op_args
-import asan_ops
 import loft
-from conftest import DEVICES
 from loft import _ext, reference
+
+from ..conftest import DEVICES
+from . import _bad_op_args
+
+
+def _load_asan_ops() -> ModuleType:
+    """``tools/asan_ops.py`` (a script, not a package module), loaded from its path."""
+    path = Path(__file__).resolve().parents[2] / "tools" / "asan_ops.py"
+    spec = importlib.util.spec_from_file_location("asan_ops", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+asan_ops = _load_asan_ops()
 
 F64 = dict(rtol=1e-12, atol=1e-12)
 #: Models mixing float32 into float64: both backends compute each bucket in its own

@@ -8,8 +8,9 @@ import warnings
 import pytest
 import torch
 
-from conftest import DEVICES, DTYPES, assert_close
 from loft import ops, reference
+
+from ..conftest import DEVICES, DTYPES, assert_close
 
 SGD, ADAM = "sgd_step", "adam_step"
 BUFFERS = {SGD: ("params", "grads", "momentum_buffer"),
