@@ -1,11 +1,13 @@
-"""Malformed direct calls of the ops, shared by ``test_hardening.py`` and ``asan_ops.py``.
+"""Malformed direct calls of the ops, shared by ``test_malformed_calls.py`` and
+``tools/asan_ops.py``.
 
 Each case is one call of ``torch.ops.loft.<op>`` (or its ``_backward``) with a single
 argument broken: wrong sizes, dtypes, layouts or devices, segment tables that point
 outside the buffers, group indices past the hyperparameter tensors, per-element
 hyperparameters of the wrong size or layout. Every one must raise
 ``RuntimeError`` whose message names the broken argument, and must not touch memory
-outside the tensors it was given (``asan_ops.py`` runs them under AddressSanitizer).
+outside the tensors it was given (``tools/asan_ops.py`` runs them under
+AddressSanitizer).
 """
 
 from __future__ import annotations
