@@ -8,16 +8,17 @@ import warnings
 import pytest
 import torch
 
-from loft import ops, reference
+from loft import _contract, ops, reference
 
 from ..conftest import DEVICES, DTYPES, assert_close
 
-SGD, ADAM = "sgd_step", "adam_step"
-BUFFERS = {SGD: ("params", "grads", "momentum_buffer"),
-           ADAM: ("params", "grads", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")}
-HYPER = {SGD: ops.SGD_HYPER, ADAM: ops.ADAM_HYPER}
-OPTIONAL = {SGD: "momentum_buffer", ADAM: "max_exp_avg_sq"}
-NEEDS_OPTIONAL = {SGD: reference.SGD_MOMENTUM, ADAM: reference.ADAM_AMSGRAD}
+# The ops' names, buffers, hyperparameters and flags, from their contract.
+SGD, ADAM = _contract.SGD.name, _contract.ADAM.name
+_CONTRACTS = {contract.name: contract for contract in _contract.OPS}
+BUFFERS = {op: contract.buffers for op, contract in _CONTRACTS.items()}
+HYPER = {op: contract.hyper for op, contract in _CONTRACTS.items()}
+OPTIONAL = {op: contract.optional_state for op, contract in _CONTRACTS.items()}
+NEEDS_OPTIONAL = {op: int(contract.optional_flag) for op, contract in _CONTRACTS.items()}
 
 SIZE_SETS = [[0], [1], [7], [0, 1, 33, 5], [3, 0, 1000, 1, 4099], [2, 3]]
 
@@ -364,7 +365,7 @@ def test_inplace_adam_rejects_shared_memory(other: str, fused: None) -> None:
 
 # ---- per-element lr and weight_decay (Meta-SGD) ---------------------------------------------
 
-ELEMENTWISE = ops.ELEMENTWISE
+ELEMENTWISE = _contract.ELEMENTWISE
 #: Which per-element hyperparameters a case gives.
 ELEMENTWISE_SETS = [("lr",), ("weight_decay",), ("lr", "weight_decay")]
 
