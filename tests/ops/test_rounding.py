@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 import loft
-from loft import _ext, ops, reference
+from loft import _contract, _ext, ops, reference
 
 
 def ulp_distance(a: Tensor, b: Tensor) -> Tensor:
@@ -131,7 +131,7 @@ def _loft_sgd(params: list[Tensor], grads: list[list[Tensor]], buffers: list[Ten
              | (reference.SGD_NESTEROV if options.get("nesterov") else 0)
              | (reference.SGD_MOMENTUM if momentum else 0))
     hyper = [torch.tensor([options.get(k, 0.0)], dtype=hyper_dtype)
-             for k in ("lr", "momentum", "dampening", "weight_decay")]
+             for k in _contract.SGD.hyper]
     flat = torch.cat([p.reshape(-1) for p in params])
     if buffers is not None:
         buf = torch.cat([b.reshape(-1) for b in buffers])

@@ -6,7 +6,8 @@ model) run in a fresh process; after a warm-up of 50 iterations, the resident se
 5% of their value at the end of the warm-up. A positive control leaks on purpose and
 must be caught by the same measurement.
 
-Run this file directly (``python tests/test_leaks.py cpu SGD``) for the worker.
+Run this module from the repository root (``python -m tests.unroll.test_leaks cpu SGD``)
+for the worker.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import DEVICES
+from ..conftest import DEVICES
 
 ITERATIONS = 300
 WARMUP = 50
@@ -35,7 +36,7 @@ RSS_SLACK = 4 * 2**20
 #: The positive control's leak per iteration: a copy of the fast weights (~70k float64).
 LEAK_ITERATIONS = 120
 
-HERE = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _rss() -> int:
@@ -83,10 +84,10 @@ def _worker(device: str, opt_name: str, iterations: int, leak: bool) -> dict[str
 
 def _run_worker(device: str, opt_name: str, iterations: int = ITERATIONS,
                 leak: bool = False) -> dict[str, list[int]]:
-    command = [sys.executable, str(Path(__file__).resolve()), device, opt_name,
+    command = [sys.executable, "-m", __name__, device, opt_name,
                str(iterations)] + (["--leak"] if leak else [])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(HERE.parent / "python"), str(HERE), os.environ.get("PYTHONPATH", "")])}
+        [str(ROOT / "python"), str(ROOT), os.environ.get("PYTHONPATH", "")])}
     out = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.splitlines()[-1])

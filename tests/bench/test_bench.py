@@ -21,7 +21,7 @@ from loft.bench.long import LongResult
 from loft.bench.plotting import PlotError
 from loft.bench.suite import SuiteResult
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_bench_cli_writes_table_json_and_plot(tmp_path: Path) -> None:

@@ -20,9 +20,10 @@ import torch
 from torch import nn
 
 import loft
-from conftest import DTYPES, TOLERANCES, assert_close
 from loft import build, ops, reference
-from test_ops import (
+
+from ..conftest import DTYPES, TOLERANCES, assert_close
+from .test_ops import (
     ADAM,
     BUFFERS,
     ELEMENTWISE,
@@ -39,7 +40,7 @@ from test_ops import (
     make_case,
     raw_op,
 )
-from test_rounding import ulp_distance
+from .test_rounding import ulp_distance
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -1,14 +1,15 @@
 """Malformed direct calls of ``torch.ops.loft.*`` under AddressSanitizer (or valgrind).
 
-The ops must answer every malformed call (``_bad_op_args.bad_calls``: sizes, dtypes,
-segment tables outside the buffers, group indices past the hyperparameters) with a
-``RuntimeError`` naming the argument, and must stay inside their tensors' memory for
-well-formed calls at the edges (empty buckets, empty or inactive segments, odd sizes).
+The ops must answer every malformed call (``bad_calls`` of ``tests/ops/_bad_op_args.py``:
+sizes, dtypes, segment tables outside the buffers, group indices past the
+hyperparameters) with a ``RuntimeError`` naming the argument, and must stay inside their
+tensors' memory for well-formed calls at the edges (empty buckets, empty or inactive
+segments, odd sizes).
 
-    python tests/asan_ops.py                     # AddressSanitizer (the default)
-    python tests/asan_ops.py --tool valgrind     # valgrind memcheck (slow: minutes)
-    python tests/asan_ops.py --tool none         # the same checks, no sanitizer
-    python tests/asan_ops.py --canary            # a deliberate overflow: must be reported
+    python tools/asan_ops.py                     # AddressSanitizer (the default)
+    python tools/asan_ops.py --tool valgrind     # valgrind memcheck (slow: minutes)
+    python tools/asan_ops.py --tool none         # the same checks, no sanitizer
+    python tools/asan_ops.py --canary            # a deliberate overflow: must be reported
 
 With ``asan`` the ops are built with ``LOFT_EXTRA_CFLAGS=-fsanitize=address`` into their
 own cache (``--cache``, default a folder under the system's temporary directory) and run
@@ -62,7 +63,8 @@ def child_command(tool: str, extra: list[str]) -> tuple[list[str], dict[str, str
     """The command and environment that run this file's checks under ``tool``."""
     env = dict(os.environ)
     python_path = str(HERE.parent / "python")
-    env["PYTHONPATH"] = python_path + os.pathsep + env.get("PYTHONPATH", "")
+    # The repository root too: the cases are tests/ops/_bad_op_args.py.
+    env["PYTHONPATH"] = os.pathsep.join([python_path, str(HERE.parent), env.get("PYTHONPATH", "")])
     command = [sys.executable, str(Path(__file__).resolve()), "--child"] + extra
     if tool == "asan":
         preload = asan_preload()
@@ -83,8 +85,8 @@ def run_checks() -> int:
     """Every malformed call raises naming its argument; the edge cases match the
     reference. Returns the number of failed checks (each printed)."""
     import torch
+    from tests.ops import _bad_op_args as cases
 
-    import _bad_op_args as cases
     import loft
     from loft import reference
 

@@ -1,11 +1,13 @@
-"""Malformed direct calls of the ops, shared by ``test_hardening.py`` and ``asan_ops.py``.
+"""Malformed direct calls of the ops, shared by ``test_malformed_calls.py`` and
+``tools/asan_ops.py``.
 
 Each case is one call of ``torch.ops.loft.<op>`` (or its ``_backward``) with a single
 argument broken: wrong sizes, dtypes, layouts or devices, segment tables that point
 outside the buffers, group indices past the hyperparameter tensors, per-element
 hyperparameters of the wrong size or layout. Every one must raise
 ``RuntimeError`` whose message names the broken argument, and must not touch memory
-outside the tensors it was given (``asan_ops.py`` runs them under AddressSanitizer).
+outside the tensors it was given (``tools/asan_ops.py`` runs them under
+AddressSanitizer).
 """
 
 from __future__ import annotations
@@ -15,17 +17,18 @@ from dataclasses import dataclass
 
 import torch
 
-SGD, ADAM = "sgd_step", "adam_step"
-BUFFERS = {SGD: ("params", "grads", "momentum_buffer"),
-           ADAM: ("params", "grads", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")}
-HYPER = {SGD: ("lr", "momentum", "dampening", "weight_decay"),
-         ADAM: ("lr", "beta1", "beta2", "eps", "weight_decay")}
+from loft import _contract
+
+# The ops' names, buffers, hyperparameters and flags, from their contract.
+SGD, ADAM = _contract.SGD.name, _contract.ADAM.name
+_CONTRACTS = {contract.name: contract for contract in _contract.OPS}
+BUFFERS = {op: contract.buffers for op, contract in _CONTRACTS.items()}
+HYPER = {op: contract.hyper for op, contract in _CONTRACTS.items()}
 #: The forward outputs, whose upstream gradients the backward op takes first.
-OUTPUTS = {SGD: ("params", "momentum_buffer"),
-           ADAM: ("params", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")}
+OUTPUTS = {op: contract.outputs for op, contract in _CONTRACTS.items()}
 #: The flags that make each op read its optional buffer (momentum, amsgrad).
-NEEDS_OPTIONAL = {SGD: 4, ADAM: 2}
-OPTIONAL = {SGD: "momentum_buffer", ADAM: "max_exp_avg_sq"}
+NEEDS_OPTIONAL = {op: int(contract.optional_flag) for op, contract in _CONTRACTS.items()}
+OPTIONAL = {op: contract.optional_state for op, contract in _CONTRACTS.items()}
 SIZES = (4, 6)  # two segments, one per group
 N = sum(SIZES)
 GROUPS = 2
@@ -64,7 +67,7 @@ def valid_inputs(op: str, device: str = "cpu", dtype: torch.dtype = torch.float6
 
 #: The optional per-element hyperparameters, last in the schemas (after the mask in the
 #: backward ops).
-ELEMENTWISE = ("lr_elementwise", "weight_decay_elementwise")
+ELEMENTWISE = _contract.ELEMENTWISE
 
 
 def elementwise_args(case: dict) -> list:

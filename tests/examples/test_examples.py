@@ -13,7 +13,7 @@ from types import ModuleType
 import numpy as np
 import pytest
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 #: One intra-op thread: the tiny runs gain nothing from more, and when the tests share the

@@ -9,11 +9,12 @@ import higher
 import numpy as np
 import pytest
 import torch
-from _per_tensor import PerTensorOptimizer
-from conftest import DEVICES
 from torch import nn
 
 import loft
+
+from ..conftest import DEVICES
+from ._per_tensor import PerTensorOptimizer
 
 F64 = dict(rtol=1e-12, atol=1e-12)
 

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import loft
-from _tiny import tiny_batches, tiny_mlp
+
+from ._tiny import tiny_batches, tiny_mlp
 
 F64 = dict(rtol=1e-11, atol=1e-12)
 

@@ -8,15 +8,17 @@ import warnings
 import pytest
 import torch
 
-from conftest import DEVICES, DTYPES, assert_close
-from loft import ops, reference
+from loft import _contract, ops, reference
 
-SGD, ADAM = "sgd_step", "adam_step"
-BUFFERS = {SGD: ("params", "grads", "momentum_buffer"),
-           ADAM: ("params", "grads", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")}
-HYPER = {SGD: ops.SGD_HYPER, ADAM: ops.ADAM_HYPER}
-OPTIONAL = {SGD: "momentum_buffer", ADAM: "max_exp_avg_sq"}
-NEEDS_OPTIONAL = {SGD: reference.SGD_MOMENTUM, ADAM: reference.ADAM_AMSGRAD}
+from ..conftest import DEVICES, DTYPES, assert_close
+
+# The ops' names, buffers, hyperparameters and flags, from their contract.
+SGD, ADAM = _contract.SGD.name, _contract.ADAM.name
+_CONTRACTS = {contract.name: contract for contract in _contract.OPS}
+BUFFERS = {op: contract.buffers for op, contract in _CONTRACTS.items()}
+HYPER = {op: contract.hyper for op, contract in _CONTRACTS.items()}
+OPTIONAL = {op: contract.optional_state for op, contract in _CONTRACTS.items()}
+NEEDS_OPTIONAL = {op: int(contract.optional_flag) for op, contract in _CONTRACTS.items()}
 
 SIZE_SETS = [[0], [1], [7], [0, 1, 33, 5], [3, 0, 1000, 1, 4099], [2, 3]]
 
@@ -363,7 +365,7 @@ def test_inplace_adam_rejects_shared_memory(other: str, fused: None) -> None:
 
 # ---- per-element lr and weight_decay (Meta-SGD) ---------------------------------------------
 
-ELEMENTWISE = ops.ELEMENTWISE
+ELEMENTWISE = _contract.ELEMENTWISE
 #: Which per-element hyperparameters a case gives.
 ELEMENTWISE_SETS = [("lr",), ("weight_decay",), ("lr", "weight_decay")]
 
@@ -546,59 +548,6 @@ def test_elementwise_gradcheck_of_backward_op(op: str, fused: None) -> None:
 
     assert torch.autograd.gradcheck(fn, upstream + inputs + elementwise, eps=1e-6, atol=1e-7,
                                     rtol=1e-5)
-
-
-@pytest.mark.parametrize("op", [SGD, ADAM])
-@pytest.mark.parametrize("which", [("lr",), ("lr", "weight_decay")], ids=str)
-def test_elementwise_through_bucket_step(op: str, which: tuple[str, ...], fused: None) -> None:
-    """``loft._step.bucket_step(..., elementwise=...)``: float64 gradcheck and gradgradcheck
-    with respect to the weights (views), gradients, state, hyperparameters and the
-    per-element ones; the [G] weight decay is 0 while the per-element one is not (the
-    weights' gradient is then not the upstream one), one tensor is inactive."""
-    from loft._step import bucket_step
-    from loft.flat import make_buckets
-
-    spec = ops._SGD if op == SGD else ops._ADAM
-    shapes = [(2, 2), (3,), (1,)]
-    bucket = make_buckets([torch.zeros(s, dtype=torch.float64) for s in shapes], [0, 1, 0])[0]
-    case = make_case(op, [bucket.numel], torch.float64, [7, 2], seed=5)
-    case["weight_decay"] = torch.zeros_like(case["weight_decay"])
-    segments = bucket.segments([1, 0, 2], [True, True, False])
-    case["segments"] = segments
-    case = add_elementwise(case, which, seed=4)
-    views = [t.clone().requires_grad_() for t in bucket.plain_views(case["params"])]
-    grads = [t.clone().requires_grad_() for t in bucket.plain_views(case["grads"])][:2] + [None]
-    state = [case[b].clone().requires_grad_() for b in BUFFERS[op][2:]]
-    hyper = [case[h].clone().requires_grad_() for h in HYPER[op]]
-    empty = torch.zeros(0, dtype=torch.float64)
-    elementwise = [case[n].clone().requires_grad_() if n in case else empty for n in ELEMENTWISE]
-    leaves = views + grads[:2] + state + hyper + [e for e in elementwise if e.numel()]
-
-    def fn(*xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        it = iter(xs)
-        v = [next(it) for _ in views]
-        g = [next(it), next(it), None]
-        st = [next(it) for _ in state]
-        hy = [next(it) for _ in hyper]
-        el = [next(it) if e.numel() else e for e in elementwise]
-        new_views, new_state = bucket_step(spec, bucket, None, v, g, st, hy, segments,
-                                           case["group_flags"], elementwise=el)
-        return tuple(new_views) + tuple(new_state)
-
-    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7, rtol=1e-5)
-    assert torch.autograd.gradgradcheck(fn, leaves, eps=1e-6, atol=1e-6, rtol=1e-4)
-    # Only the weights and a per-element lr that does not require grad: SGD's backward
-    # then keeps no buffer values (the per-element lr is still a factor).
-    lr_e = elementwise[0].detach()
-
-    def weights_only(*v: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        new_views, _ = bucket_step(spec, bucket, None, list(v), [g.detach() for g in grads[:2]]
-                                   + [None], [s.detach() for s in state],
-                                   [x.detach() for x in hyper], segments, case["group_flags"],
-                                   elementwise=[lr_e, empty])
-        return tuple(new_views)
-
-    assert torch.autograd.gradcheck(weights_only, views, eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
 def test_reference_rejects_elementwise_lr_weight_decay_and_unknown_names() -> None:

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 import loft
-from _tiny import tiny_batches, tiny_mlp
+
+from ._tiny import tiny_batches, tiny_mlp
 
 F64 = dict(rtol=1e-12, atol=1e-12)
 

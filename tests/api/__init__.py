@@ -1,0 +1,1 @@
+"""The public API as higher code uses it (``import loft as higher``)."""

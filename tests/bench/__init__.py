@@ -1,0 +1,1 @@
+"""The benchmark (``loft.bench``): its command line, records, plots and extras."""

@@ -1,0 +1,1 @@
+"""The examples under ``examples/``, run in a tiny configuration."""

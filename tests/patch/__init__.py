@@ -1,0 +1,1 @@
+"""The patched (functional) model: ``monkeypatch``, fast weights and their history."""

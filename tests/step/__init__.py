@@ -1,0 +1,1 @@
+"""The flat step engine: buckets, segment tables, ``bucket_step``."""

@@ -1,0 +1,1 @@
+"""Long inner loops and long runs: ``loft.unroll``, ``truncate``, first order, memory."""
