@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -23,6 +24,9 @@ __all__ = [
     "ELEMENTWISE",
     "ELEMENTWISE_HYPER",
     "OpContract",
+    "ForwardSlots",
+    "BackwardSlots",
+    "GradSlots",
     "SGD",
     "ADAM",
     "OPS",
@@ -61,7 +65,7 @@ class AdamFlag(enum.IntFlag):
 
 
 class UnfusedFlag(enum.IntFlag):
-    """``group_flags`` bits of the unfused optimisers' reference steps (:mod:`loft.optim.unfused`)."""
+    """``group_flags`` bits of the unfused optimisers' steps (:mod:`loft.optim.unfused`)."""
 
     MAXIMIZE = 1
     RMSPROP_CENTERED = 2
@@ -76,7 +80,37 @@ ELEMENTWISE: tuple[str, ...] = ("lr_elementwise", "weight_decay_elementwise")
 ELEMENTWISE_HYPER: tuple[str, ...] = ("lr", "weight_decay")
 
 
-@dataclass(frozen=True)
+class ForwardSlots(NamedTuple):
+    """Where each argument of ``<op>(...)`` sits among its positional arguments."""
+
+    buffers: slice  # params, grads, *state
+    segments: int
+    hyper: slice
+    flags: int
+    elementwise: slice
+
+
+class BackwardSlots(NamedTuple):
+    """Where each argument of ``<op>_backward(...)`` sits among its positional arguments."""
+
+    upstream: slice  # the gradients of the forward's outputs
+    buffers: slice
+    segments: int
+    hyper: slice
+    flags: int
+    mask: int  # hyper_grad_mask
+    elementwise: slice
+
+
+class GradSlots(NamedTuple):
+    """Where each gradient sits in ``<op>_backward``'s result."""
+
+    buffers: slice
+    hyper: slice
+    elementwise: slice
+
+
+@dataclass(frozen=True, eq=False)
 class OpContract:
     """One fused op: ``<name>(params, grads, *state, segments, *hyper, group_flags,
     *ELEMENTWISE) -> (params_out, *state_out)`` and its ``<name>_backward``.
@@ -106,13 +140,28 @@ class OpContract:
     buffers: tuple[str, ...] = field(init=False)
     outputs: tuple[str, ...] = field(init=False)
     inputs: tuple[str, ...] = field(init=False)
+    forward_slots: ForwardSlots = field(init=False)
+    backward_slots: BackwardSlots = field(init=False)
+    grad_slots: GradSlots = field(init=False)
 
     def __post_init__(self) -> None:
         buffers = ("params", "grads", *self.state)
-        object.__setattr__(self, "buffers", buffers)
-        object.__setattr__(self, "outputs", ("params", *self.state))
-        object.__setattr__(self, "inputs",
-                           (*buffers, "segments", *self.hyper, "group_flags", *ELEMENTWISE))
+        nb, nh, ne = len(buffers), len(self.hyper), len(ELEMENTWISE)
+        no = nb - 1  # every buffer but grads comes out
+        fields = {
+            "buffers": buffers,
+            "outputs": ("params", *self.state),
+            "inputs": (*buffers, "segments", *self.hyper, "group_flags", *ELEMENTWISE),
+            "forward_slots": ForwardSlots(slice(0, nb), nb, slice(nb + 1, nb + 1 + nh),
+                                          nb + 1 + nh, slice(nb + 2 + nh, nb + 2 + nh + ne)),
+            "backward_slots": BackwardSlots(
+                slice(0, no), slice(no, no + nb), no + nb, slice(no + nb + 1, no + nb + 1 + nh),
+                no + nb + 1 + nh, no + nb + 2 + nh, slice(no + nb + 3 + nh, no + nb + 3 + nh + ne)),
+            "grad_slots": GradSlots(slice(0, nb), slice(nb, nb + nh),
+                                    slice(nb + nh, nb + nh + ne)),
+        }
+        for name, value in fields.items():
+            object.__setattr__(self, name, value)
 
     @property
     def backward_name(self) -> str:
@@ -166,5 +215,5 @@ OPS: tuple[OpContract, ...] = (SGD, ADAM)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the math runs in: float64 stays, everything else (float32, float16, bfloat16) is float32."""
+    """The dtype the math runs in: float64 stays; float32, float16 and bfloat16 run in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32

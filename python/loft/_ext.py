@@ -32,15 +32,18 @@ import sysconfig
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-__all__ = ["backend", "backend_reason", "csrc_dir", "load", "has_device_kernels"]
+__all__ = ["backend", "backend_reason", "csrc_dir", "load", "has_device_kernels", "on_load"]
 
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {"loaded": None, "reason": "", "cuda": False}
 _DEVICE_KERNELS: dict[str, bool] = {}
+#: Called once the library is loaded (``loft.ops`` registers its fake kernels and autograd).
+_ON_LOAD: list[Callable[[], None]] = []
 _EXT_PREFIX = "loft_ops"
 _WARNING_LINES = 25
 
@@ -81,7 +84,7 @@ def _sources(src: Path, cuda: bool) -> list[Path]:
 def _extra_flags() -> list[str]:
     """``$LOFT_EXTRA_CFLAGS``, split on whitespace: added to the host compiler's and the
     linker's flags (and so to the build key), e.g. ``-fsanitize=address`` for a build
-    checked by AddressSanitizer (``tests/asan_ops.py``)."""
+    checked by AddressSanitizer (``tools/asan_ops.py``)."""
     return os.environ.get("LOFT_EXTRA_CFLAGS", "").split()
 
 
@@ -112,7 +115,8 @@ def _build_key(src: Path, sources: list[Path], cuda: bool) -> str:
     h.update(f"torch={torch.__version__};cuda={torch.version.cuda};py={sys.version_info[:2]}".encode())
     h.update(f"cap={torch.backends.cpu.get_cpu_capability()};cflags={_cflags()}".encode())
     if cuda:
-        h.update(f"nvcc={_cuda_cflags()};arch={os.environ.get('TORCH_CUDA_ARCH_LIST', '')}".encode())
+        arch = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
+        h.update(f"nvcc={_cuda_cflags()};arch={arch}".encode())
     headers = sorted(src.rglob("*.h")) + sorted(src.rglob("*.cuh"))
     for path in sources + headers:
         h.update(str(path.relative_to(src)).encode())
@@ -227,12 +231,21 @@ def load() -> bool:
                 stacklevel=2,
             )
             return False
-        from loft import ops
-
-        ops._register_python_parts()
+        for callback in _ON_LOAD:
+            callback()
         _STATE.update(loaded=True, cuda=cuda, reason="C++ ops built and loaded"
                       + (" (CPU and CUDA)" if cuda else " (CPU)"))
         return True
+
+
+def on_load(callback: Callable[[], None]) -> None:
+    """Call ``callback()`` once the ops are loaded: now if they already are, else after
+    the build succeeds (never if it fails). This module imports nothing from loft; the
+    modules that add Python parts to the ops register them through here."""
+    with _LOCK:
+        _ON_LOAD.append(callback)
+        if _STATE["loaded"]:
+            callback()
 
 
 def backend() -> str:
@@ -255,6 +268,7 @@ def has_device_kernels(device: torch.device) -> bool:
     known = _DEVICE_KERNELS.get(device.type)
     if known is not None:
         return known
-    available = load() and (device.type == "cpu" or (device.type == "cuda" and bool(_STATE["cuda"])))
+    available = load() and (device.type == "cpu"
+                            or (device.type == "cuda" and bool(_STATE["cuda"])))
     _DEVICE_KERNELS[device.type] = available
     return available

@@ -243,7 +243,6 @@ class FunctionalModule(_MonkeyPatchBase):
         if entries:
             self._write(state["_fast_params"][-1])
 
-    _replace_history = set_history  # alias until unroll/optim switch
 
     parameters = _patched_parameters  # type: ignore[assignment]
 
@@ -353,7 +352,6 @@ class FunctionalModule(_MonkeyPatchBase):
         root._write(state["_fast_params"][-1])
         return root  # type: ignore[return-value]
 
-    _twin = twin  # alias until unroll/optim switch
 
 
 def _build(module: nn.Module, device: torch.device | str | None,

@@ -16,7 +16,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["Bucket", "make_buckets", "hyper_tensor"]
+from loft._contract import SegmentColumn
+
+__all__ = ["Bucket", "FlatState", "make_buckets", "hyper_tensor"]
 
 
 #: Segment tables of the usual step (all tensors active, one step count) are built this
@@ -36,6 +38,15 @@ class Bucket:
     numels: list[int] = field(init=False)
     offsets: list[int] = field(init=False)
     numel: int = field(init=False)
+    #: ``(shape, strides, offset)`` per tensor, made at the first :meth:`plain_views`.
+    _layout: list[tuple[torch.Size, tuple[int, ...], int]] | None = field(
+        init=False, default=None, repr=False, compare=False)
+    #: :meth:`gather`'s CPU scratch buffers by slot: ``(flat, its views)``.
+    _scratch: dict[int, tuple[Tensor, list[Tensor]]] = field(
+        init=False, default_factory=dict, repr=False, compare=False)
+    #: :meth:`segments`' batch of usual tables: ``(first step count, [_TABLE_BATCH, S, 5])``.
+    _table_batch: tuple[int, Tensor] | None = field(init=False, default=None, repr=False,
+                                                    compare=False)
 
     def __post_init__(self) -> None:
         self.numels = [int(torch.Size(s).numel()) for s in self.shapes]
@@ -82,12 +93,10 @@ class Bucket:
 
     def _strided_layout(self) -> list[tuple[torch.Size, tuple[int, ...], int]]:
         """``(shape, contiguous strides, offset)`` of each parameter in the flat buffer."""
-        cached = self.__dict__.get("_layout")
-        if cached is None:
-            cached = [(torch.Size(shape), _contiguous_strides(shape), offset)
-                      for shape, offset in zip(self.shapes, self.offsets)]
-            self.__dict__["_layout"] = cached
-        return cached
+        if self._layout is None:
+            self._layout = [(torch.Size(shape), _contiguous_strides(shape), offset)
+                            for shape, offset in zip(self.shapes, self.offsets)]
+        return self._layout
 
     def gather(self, parts: Sequence[Tensor], slot: int, run: Any) -> Any:
         """``run(flat)``, where ``flat`` holds ``parts`` (one tensor per parameter, all
@@ -102,7 +111,7 @@ class Bucket:
         """
         if self.device.type != "cpu" or any(n == 0 for n in self.numels):
             return run(torch._C._nn.flatten_dense_tensors(list(parts)))
-        scratch = self.__dict__.setdefault("_scratch", {})
+        scratch = self._scratch
         entry = scratch.pop(slot, None)  # taken while in use: a re-entrant call makes its own
         if entry is None:
             flat = torch.empty(self.numel, dtype=self.dtype, device=self.device)
@@ -120,23 +129,23 @@ class Bucket:
             # The usual step: every tensor active, one step count. The tables of such
             # steps are made _TABLE_BATCH at a time (one copy and one fill), and each is
             # a read-only slice of that batch; the ops never write their table.
-            batch_start, batch = self.__dict__.get("_table_batch", (None, None))
-            if batch_start is None or not 0 <= first - batch_start < len(batch):
-                base = self._table([0] * len(self.numels), [True] * len(self.numels))
+            if self._table_batch is None or not 0 <= first - self._table_batch[0] < _TABLE_BATCH:
+                base = self.table([0] * len(self.numels), [True] * len(self.numels))
                 batch = base.unsqueeze(0).repeat(_TABLE_BATCH, 1, 1)
-                batch.select(2, 3).copy_(torch.arange(
+                batch.select(2, SegmentColumn.STEP).copy_(torch.arange(
                     first, first + _TABLE_BATCH, device=batch.device).unsqueeze(1))
-                batch_start = first
-                self.__dict__["_table_batch"] = (batch_start, batch)
+                self._table_batch = (first, batch)
+            batch_start, batch = self._table_batch
             return batch[first - batch_start]
-        return self._table(steps, active)
+        return self.table(steps, active)
 
-    def _table(self, steps: Sequence[int], active: Sequence[bool]) -> Tensor:
+    def table(self, steps: Sequence[int], active: Sequence[bool]) -> Tensor:
+        """A new ``[S, 5]`` segment table: rows ``offset, numel, group, step, active``."""
         rows = [
             [off, n, grp, st, int(act)]
             for off, n, grp, st, act in zip(self.offsets, self.numels, self.groups, steps, active)
         ]
-        table = torch.tensor(rows, dtype=torch.int64).reshape(len(rows), 5)
+        table = torch.tensor(rows, dtype=torch.int64).reshape(len(rows), len(SegmentColumn))
         return table if self.device.type == "cpu" else table.to(self.device, non_blocking=True)
 
 
@@ -181,6 +190,89 @@ class _Views(torch.autograd.Function):
         if ref is None:
             return None, None
         return None, _Flatten.apply(b, *[None if g is None else g.to(ref.dtype) for g in grads])
+
+
+@dataclass
+class FlatState:
+    """What a flat optimiser carries from one step to the next, for all its buckets.
+
+    Per bucket: the flat weights (the buffer the last step's views are views of) and the
+    state buffers by name. Per parameter (the optimiser's order): its step count, whether
+    it has state yet, the dtype its step had as a tensor (a torch optimiser's state), the
+    view the last step returned, and its (bucket, position). Segment tables are the
+    buckets' (:meth:`Bucket.segments`).
+    """
+
+    buckets: list[Bucket]
+    weights: list[Tensor | None]
+    buffers: list[dict[str, Tensor]]
+    steps: list[int]
+    has_state: list[bool]
+    step_dtypes: list[torch.dtype | None]
+    last_views: list[Tensor | None]
+    where: list[tuple[int, int]]
+    #: The names of the state buffers, in the op's order.
+    state_names: tuple[str, ...]
+    #: Buckets (by position) whose buffers only this state holds, made by a first-order
+    #: step: the next one may update them in place.
+    private: set[int] = field(default_factory=set)
+    #: Never update the buffers in place (loft.unroll's copy: its checkpoints hold them).
+    keep_buffers: bool = False
+
+    @classmethod
+    def empty(cls, buckets: list[Bucket], num_params: int,
+              state_names: Sequence[str]) -> FlatState:
+        """No weights, buffers or steps yet, for ``num_params`` parameters in ``buckets``."""
+        where = [(-1, -1)] * num_params
+        for k, b in enumerate(buckets):
+            for pos, i in enumerate(b.indices):
+                where[i] = (k, pos)
+        return cls(buckets, [None] * len(buckets), [{} for _ in buckets], [0] * num_params,
+                   [False] * num_params, [None] * num_params, [None] * num_params, where,
+                   tuple(state_names))
+
+    def intact(self, k: int, params: Sequence[Tensor]) -> bool:
+        """Whether bucket ``k``'s ``params`` are the views the last step returned (so its
+        flat weights can be handed to the kernel as they are)."""
+        last = self.last_views
+        return all(params[i] is last[i] for i in self.buckets[k].indices)
+
+    def snapshot(self) -> FlatState:
+        """A copy of the lists and dicts (the tensors are shared): :meth:`restore` returns to it."""
+        return FlatState(self.buckets, list(self.weights), [dict(b) for b in self.buffers],
+                         list(self.steps), list(self.has_state), list(self.step_dtypes),
+                         list(self.last_views), self.where, self.state_names, set(self.private),
+                         self.keep_buffers)
+
+    def restore(self, snapshot: FlatState) -> None:
+        """Return to ``snapshot`` (made by :meth:`snapshot` of this state)."""
+        self.weights, self.buffers = list(snapshot.weights), [dict(b) for b in snapshot.buffers]
+        self.steps, self.has_state = list(snapshot.steps), list(snapshot.has_state)
+        self.step_dtypes, self.last_views = list(snapshot.step_dtypes), list(snapshot.last_views)
+        self.private, self.keep_buffers = set(snapshot.private), snapshot.keep_buffers
+
+    def flats(self) -> list[Tensor]:
+        """The flat weights of every bucket, then its state buffers, bucket by bucket."""
+        return list(self.weights) + [  # type: ignore[arg-type]
+            buffers[name] for buffers in self.buffers for name in self.state_names]
+
+    def load(self, flats: Sequence[Tensor], steps: Sequence[int],
+             fast: list[Tensor]) -> list[Tensor]:
+        """Make ``flats`` (as :meth:`flats` lays them out) the current weights and buffers,
+        and ``steps`` the step counts; ``fast`` (the fast weights) gets the new weights'
+        views and is returned. The views are the last step's, so the next step reads
+        the flat weights directly."""
+        nb, names = len(self.buckets), self.state_names
+        for k, b in enumerate(self.buckets):
+            base = flats[k]
+            for (off, n, shape), i in zip(zip(b.offsets, b.numels, b.shapes), b.indices):
+                fast[i] = base[off:off + n].view(shape)
+            self.weights[k] = base
+            self.buffers[k] = {name: flats[nb + k * len(names) + j]
+                               for j, name in enumerate(names)}
+        self.steps = list(steps)
+        self.last_views = list(fast)
+        return fast
 
 
 def _contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:

@@ -1,18 +1,21 @@
-"""Typed, differentiable wrappers of ``torch.ops.loft.*``.
+"""Typed, differentiable wrappers of ``torch.ops.loft.*``, and the kernels the step engine calls.
 
-Every op has three Python pieces:
+Every op has three Python pieces (contract: :mod:`loft._contract`, ``docs/ops.md``):
 
 - a **typed wrapper** (:func:`sgd_step`, :func:`adam_step`) whose docstring gives the
-  math; it is a :class:`torch.autograd.Function` (works with ``torch.func`` too) that
-  runs the fused kernel when one is built for the tensors' device and
+  math; it runs the fused kernel when one is built for the tensors' device and
   :mod:`loft.reference` otherwise;
 - a **fake kernel** (``torch.library.register_fake``) for torch.compile and meta tensors;
-- an **autograd registration** (``torch.library.register_autograd``) on the raw ops, so
-  ``torch.ops.loft.*`` are differentiable when called directly.
+- its **autograd**: one definition per op (:func:`_op_backward`), registered on the raw
+  ``torch.ops.loft.*`` ops and applied by the typed wrappers (:class:`_FlatStep`, which
+  also serves the reference fallback, where no raw op exists).
 
 The backward runs the fused ``*_backward`` kernel. When it runs under grad mode itself
 (``create_graph=True``), it computes the same derivative with the differentiable
 reference formulas instead, so the op is twice differentiable.
+
+:func:`forward_kernel`, :func:`inplace_kernel` and :func:`backward_kernel` are what
+:mod:`loft.step` calls inside its own autograd node (one per bucket and step).
 """
 
 from __future__ import annotations
@@ -25,171 +28,125 @@ import torch
 from torch import Tensor
 
 from loft import _ext, reference
+from loft._contract import ADAM, ELEMENTWISE, OPS, SGD, OpContract, compute_dtype
 
-__all__ = ["sgd_step", "adam_step", "SGD_HYPER", "ADAM_HYPER", "ELEMENTWISE"]
+__all__ = ["sgd_step", "adam_step", "SGD_HYPER", "ADAM_HYPER", "ELEMENTWISE",
+           "forward_kernel", "inplace_kernel", "backward_kernel"]
 
 #: Hyperparameter names, in schema order (bit k of hyper_grad_mask is the k-th).
-SGD_HYPER = ("lr", "momentum", "dampening", "weight_decay")
-ADAM_HYPER = ("lr", "beta1", "beta2", "eps", "weight_decay")
-#: The optional per-element hyperparameters, last in every op's schema (the backward ops
-#: take them after hyper_grad_mask); bits H and H + 1 of hyper_grad_mask, with H the
-#: number of [G] hyperparameters, ask for their gradients.
-ELEMENTWISE = ("lr_elementwise", "weight_decay_elementwise")
+SGD_HYPER = SGD.hyper
+ADAM_HYPER = ADAM.hyper
+
+# --------------------------------------------------------------------------------------
+# The kernels
+# --------------------------------------------------------------------------------------
+
+#: ``torch.ops.loft.<name>`` below autograd, by name (looked up once: the op namespace
+#: lookup costs more than a small step's kernel).
+_RAW: dict[str, Callable[..., Any]] = {}
 
 
-class _Spec:
-    """What distinguishes one optimiser op from another in the shared autograd code."""
+def _raw(name: str) -> Callable[..., Any]:
+    """``torch.ops.loft.<name>`` called below the autograd dispatch key: skips the op's
+    own (Python) autograd and its redispatch, which cost more than a small bucket's kernel."""
+    fn = _RAW.get(name)
+    if fn is None:
+        op = getattr(torch.ops.loft, name).default
 
-    def __init__(self, name: str, num_buffers: int, hyper: Sequence[str], values_needed: bool,
-                 inplace: bool = False):
-        self.name = name
-        # Whether ``torch.ops.loft.<name>_`` exists (CPU): the step with the state updated
-        # in place, returning only the new params.
-        self.inplace = inplace
-        # False: with no hyperparameter gradient wanted, the backward does not read the
-        # values of the input buffers (the step is linear in them).
-        self.values_needed = values_needed
-        self.num_buffers = num_buffers  # params, grads, state...
-        self.hyper = tuple(hyper)
-        self.segments_index = num_buffers
-        self.hyper_start = num_buffers + 1
-        self.num_outputs = num_buffers - 1  # every buffer but grads
-        # The forward's inputs before the per-element hyperparameters: buffers, segments,
-        # hyperparameters, group_flags.
-        self.num_inputs = num_buffers + 1 + len(self.hyper) + 1
-        self._kernels: dict[str, Callable[..., Any]] = {}
+        def fn(*args: Any) -> Any:
+            with torch._C._AutoDispatchBelowAutograd():
+                return op(*args)
 
-    def _kernel(self, suffix: str) -> Callable[..., Any]:
-        """``torch.ops.loft.<name><suffix>`` called below autograd (looked up once: the op
-        namespace lookup costs more than a small step's kernel)."""
-        fn = self._kernels.get(suffix)
-        if fn is None:
-            fn = _below_autograd(getattr(torch.ops.loft, self.name + suffix).default)
-            self._kernels[suffix] = fn
-        return fn
-
-    def forward_fn(self, device: torch.device) -> Callable[..., Any]:
-        if _ext.has_device_kernels(device):
-            # Inside autograd.Function.forward: straight to the kernel.
-            return self._kernel("")
-        return getattr(reference, self.name)
-
-    def inplace_fn(self, device: torch.device) -> Callable[..., Any] | None:
-        """The in-place-state kernel for ``device``, or ``None`` where there is none (only
-        the CPU has one: CUDA's caching allocator already reuses the state's memory)."""
-        if self.inplace and device.type == "cpu" and _ext.has_device_kernels(device):
-            return self._kernel("_")
-        return None
-
-    def backward_fn(self, device: torch.device, differentiable: bool) -> Callable[..., Any]:
-        if not differentiable and _ext.has_device_kernels(device):
-            # Not differentiated again (grad mode is off).
-            return self._kernel("_backward")
-        # The forward already validated these inputs.
-        return functools.partial(getattr(reference, self.name + "_backward"), check=False)
+        _RAW[name] = fn
+    return fn
 
 
-def _below_autograd(op: Callable[..., Any]) -> Callable[..., Any]:
-    """``op`` called below the autograd dispatch key: skips the op's own (Python) autograd
-    registration and its redispatch, which cost more than the kernel on small buckets."""
-
-    def call(*args: Any) -> Any:
-        with torch._C._AutoDispatchBelowAutograd():
-            return op(*args)
-
-    return call
+def forward_kernel(op: OpContract, device: torch.device) -> Callable[..., Any]:
+    """``op``'s forward for tensors on ``device``, not recorded by autograd: the fused
+    kernel where one is built, else the reference (validating its inputs)."""
+    if _ext.has_device_kernels(device):
+        return _raw(op.name)
+    return getattr(reference, op.name)
 
 
-_SGD = _Spec("sgd_step", 3, SGD_HYPER, values_needed=False)
-_ADAM = _Spec("adam_step", 5, ADAM_HYPER, values_needed=True, inplace=True)
+def inplace_kernel(op: OpContract, device: torch.device) -> Callable[..., Any] | None:
+    """``<op>_``, the step that overwrites the state with the new state and returns the new
+    params, for ``device``; ``None`` where there is none (only the CPU has one: CUDA's
+    caching allocator already reuses the state's memory)."""
+    if op.inplace and device.type == "cpu" and _ext.has_device_kernels(device):
+        return _raw(op.name + "_")
+    return None
 
 
-def _elementwise_mask(spec: _Spec, wanted: Sequence[bool]) -> int:
-    """The hyper_grad_mask bits of the per-element hyperparameters whose gradient is
-    ``wanted`` (bits H, H + 1)."""
-    return sum(1 << (len(spec.hyper) + k) for k, want in enumerate(wanted) if want)
+def backward_kernel(op: OpContract, device: torch.device,
+                    differentiable: bool) -> Callable[..., Any]:
+    """``<op>_backward`` for ``device``: the fused kernel, or the differentiable reference
+    formulas when the backward is itself differentiated (``differentiable``) or no kernel
+    is built. Its inputs were validated by the forward."""
+    if not differentiable and _ext.has_device_kernels(device):
+        return _raw(op.backward_name)
+    return functools.partial(getattr(reference, op.backward_name), check=False)
 
 
-def _backward(spec: _Spec, ctx: Any, grad_outputs: Sequence[Tensor | None]) -> tuple:
-    saved = ctx.saved_tensors
+# --------------------------------------------------------------------------------------
+# Autograd: one definition per op
+# --------------------------------------------------------------------------------------
+
+def _op_backward(op: OpContract, saved: Sequence[Tensor], needs: Sequence[bool],
+                 grad_outputs: Sequence[Tensor | None]) -> tuple[Tensor | None, ...]:
+    """The gradients of ``op``'s inputs (``saved``: the forward's inputs, per-element
+    hyperparameters included when given; ``needs``: which inputs want one)."""
+    forward = op.forward_slots
     params = saved[0]
     empty = params.new_empty(0)
     # Autograd may hand over expanded or strided gradients; the kernels read flat memory.
     upstream = [g.contiguous() if g is not None else empty for g in grad_outputs]
-    needs = ctx.needs_input_grad
-    forward_inputs = saved[:spec.num_inputs]
-    elementwise = list(saved[spec.num_inputs:])
+    elementwise = list(saved[forward.elementwise])
     elementwise += [None] * (len(ELEMENTWISE) - len(elementwise))
-    mask = 0
-    for k in range(len(spec.hyper)):
-        if needs[spec.hyper_start + k]:
-            mask |= 1 << k
-    mask |= _elementwise_mask(spec, needs[spec.num_inputs:])
-    fn = spec.backward_fn(params.device, differentiable=torch.is_grad_enabled())
-    result = fn(*upstream, *forward_inputs, mask, *elementwise)
-    num_hyper = len(spec.hyper)
-    buffer_grads = list(result[: spec.num_buffers])
-    hyper_grads = list(result[spec.num_buffers:spec.num_buffers + num_hyper])
-    elementwise_grads = list(result[spec.num_buffers + num_hyper:])
-    out: list[Tensor | None] = []
-    for i, g in enumerate(buffer_grads):
-        out.append(g if needs[i] else None)
-    out.append(None)  # segments
-    for k, g in enumerate(hyper_grads):
-        out.append(g if needs[spec.hyper_start + k] else None)
-    out.append(None)  # group_flags
-    for k, need in enumerate(needs[spec.num_inputs:]):
-        out.append(elementwise_grads[k] if need else None)
-    return tuple(out)
+    mask = op.hyper_grad_mask(needs[forward.hyper], needs[forward.elementwise])
+    fn = backward_kernel(op, params.device, differentiable=torch.is_grad_enabled())
+    result = fn(*upstream, *saved[:forward.elementwise.start], mask, *elementwise)
+    grads = op.grad_slots
+    out: list[Tensor | None] = [None] * len(needs)
+    for position, g in zip(range(forward.buffers.start, forward.buffers.stop),
+                           result[grads.buffers]):
+        out[position] = g
+    for position, g in zip(range(forward.hyper.start, forward.hyper.stop), result[grads.hyper]):
+        out[position] = g
+    for position, g in zip(range(forward.elementwise.start, len(needs)),
+                           result[grads.elementwise]):
+        out[position] = g
+    return tuple(g if need else None for g, need in zip(out, needs))
 
 
-def _setup_context(ctx: Any, inputs: tuple, output: Any) -> None:
+def _save_inputs(ctx: Any, inputs: Sequence[Any]) -> None:
     ctx.save_for_backward(*inputs)
-    if hasattr(ctx, "set_materialize_grads"):
-        ctx.set_materialize_grads(False)
+    ctx.set_materialize_grads(False)
 
 
-class _SGDStep(torch.autograd.Function):
-    @staticmethod
-    def forward(*args: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
-        return _SGD.forward_fn(args[0].device)(*args)
+class _FlatStep(torch.autograd.Function):
+    """``op(*inputs)`` with :func:`_op_backward` as its derivative, for the typed wrappers
+    (the raw ops have the same derivative registered; the reference fallback has no raw op)."""
 
     @staticmethod
-    def setup_context(ctx: Any, inputs: tuple, output: Any) -> None:
-        _setup_context(ctx, inputs, output)
-
-    @staticmethod
-    def backward(ctx: Any, *grad_outputs: Tensor | None) -> tuple:  # type: ignore[override]
-        return _backward(_SGD, ctx, grad_outputs)
-
-
-class _AdamStep(torch.autograd.Function):
-    @staticmethod
-    def forward(*args: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # type: ignore[override]
-        return _ADAM.forward_fn(args[0].device)(*args)
+    def forward(op: OpContract, *inputs: Tensor | None) -> tuple[Tensor, ...]:  # type: ignore[override]
+        return forward_kernel(op, inputs[0].device)(*inputs)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: Any) -> None:
-        _setup_context(ctx, inputs, output)
+        ctx.op = inputs[0]
+        _save_inputs(ctx, inputs[1:])
 
     @staticmethod
     def backward(ctx: Any, *grad_outputs: Tensor | None) -> tuple:  # type: ignore[override]
-        return _backward(_ADAM, ctx, grad_outputs)
+        return (None, *_op_backward(ctx.op, ctx.saved_tensors, ctx.needs_input_grad[1:],
+                                    grad_outputs))
 
 
-def sgd_step(
-    params: Tensor,
-    grads: Tensor,
-    momentum_buffer: Tensor,
-    segments: Tensor,
-    lr: Tensor,
-    momentum: Tensor,
-    dampening: Tensor,
-    weight_decay: Tensor,
-    group_flags: Tensor,
-    lr_elementwise: Tensor | None = None,
-    weight_decay_elementwise: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
+def sgd_step(params: Tensor, grads: Tensor, momentum_buffer: Tensor, segments: Tensor,
+             lr: Tensor, momentum: Tensor, dampening: Tensor, weight_decay: Tensor,
+             group_flags: Tensor, lr_elementwise: Tensor | None = None,
+             weight_decay_elementwise: Tensor | None = None) -> tuple[Tensor, Tensor]:
     r"""Differentiable fused SGD step over one flat bucket (``torch.ops.loft.sgd_step``).
 
     For every active segment (``first``: its step count is 0):
@@ -206,26 +163,17 @@ def sgd_step(
     Returns ``(params_out, momentum_buffer_out)``; differentiable (twice) with respect
     to the buffers, the ``[G]`` hyperparameter tensors and the per-element ones.
     """
-    return _SGDStep.apply(params, grads, momentum_buffer, segments, lr, momentum, dampening,
-                          weight_decay, group_flags, lr_elementwise, weight_decay_elementwise)
+    return _FlatStep.apply(SGD, params, grads, momentum_buffer, segments, lr, momentum,
+                           dampening, weight_decay, group_flags, lr_elementwise,
+                           weight_decay_elementwise)
 
 
-def adam_step(
-    params: Tensor,
-    grads: Tensor,
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
-    max_exp_avg_sq: Tensor,
-    segments: Tensor,
-    lr: Tensor,
-    beta1: Tensor,
-    beta2: Tensor,
-    eps: Tensor,
-    weight_decay: Tensor,
-    group_flags: Tensor,
-    lr_elementwise: Tensor | None = None,
-    weight_decay_elementwise: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def adam_step(params: Tensor, grads: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
+              max_exp_avg_sq: Tensor, segments: Tensor, lr: Tensor, beta1: Tensor,
+              beta2: Tensor, eps: Tensor, weight_decay: Tensor, group_flags: Tensor,
+              lr_elementwise: Tensor | None = None,
+              weight_decay_elementwise: Tensor | None = None
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     r"""Differentiable fused Adam/AdamW step over one flat bucket (``torch.ops.loft.adam_step``).
 
     For every active segment, :math:`t` = its step count + 1:
@@ -242,72 +190,65 @@ def adam_step(
     flags: ``docs/ops.md``. Returns ``(params_out, exp_avg_out, exp_avg_sq_out,
     max_exp_avg_sq_out)``.
     """
-    return _AdamStep.apply(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, segments, lr,
-                           beta1, beta2, eps, weight_decay, group_flags, lr_elementwise,
+    return _FlatStep.apply(ADAM, params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, segments,
+                           lr, beta1, beta2, eps, weight_decay, group_flags, lr_elementwise,
                            weight_decay_elementwise)
 
 
 # --------------------------------------------------------------------------------------
-# Registrations on the raw torch.ops.loft ops (done once, after the library loads).
+# Registrations on the raw torch.ops.loft ops (once the library is loaded)
 # --------------------------------------------------------------------------------------
 
-_REGISTERED = False
-
-
-def _fake_forward(spec: _Spec) -> Callable[..., Any]:
+def _fake_forward(op: OpContract) -> Callable[..., Any]:
     def fake(*args: Tensor) -> tuple[Tensor, ...]:
-        buffers = [args[0]] + list(args[2: spec.num_buffers])
-        return tuple(b.new_empty(b.numel()) for b in buffers)
+        buffers = args[op.forward_slots.buffers]
+        outputs = [buffers[0], *buffers[2:]]  # every buffer but grads
+        return tuple(b.new_empty(b.numel()) for b in outputs)
 
     return fake
 
 
-def _fake_backward(spec: _Spec) -> Callable[..., Any]:
+def _fake_backward(op: OpContract) -> Callable[..., Any]:
+    slots = op.backward_slots
+
     def fake(*args: Any) -> tuple[Tensor, ...]:
-        mask_index = spec.num_outputs + spec.num_inputs
-        inputs = args[spec.num_outputs:mask_index]
-        mask = args[mask_index]
-        elementwise = list(args[mask_index + 1:]) + [None] * len(ELEMENTWISE)
-        buffers = inputs[: spec.num_buffers]
-        hyper = inputs[spec.hyper_start: spec.hyper_start + len(spec.hyper)]
-        params = buffers[0]
-        elementwise_dtype = reference.compute_dtype(params.dtype)
-        grads = tuple(b.new_empty(b.numel()) for b in buffers) + tuple(
-            h.new_empty(h.numel()) for h in hyper
-        )
+        mask = args[slots.mask]
+        elementwise = list(args[slots.elementwise]) + [None] * len(ELEMENTWISE)
+        params = args[slots.buffers][0]
+        elementwise_dtype = compute_dtype(params.dtype)
+        grads = tuple(b.new_empty(b.numel()) for b in args[slots.buffers]) + tuple(
+            h.new_empty(h.numel()) for h in args[slots.hyper])
         for k in range(len(ELEMENTWISE)):
             e = elementwise[k]
-            wanted = e is not None and e.numel() > 0 and (mask >> (len(spec.hyper) + k)) & 1
+            wanted = e is not None and e.numel() > 0 and mask & op.elementwise_bit(k)
             grads += (params.new_empty(params.numel() if wanted else 0, dtype=elementwise_dtype),)
         return grads
 
     return fake
 
 
-def _backward_of_backward(spec: _Spec) -> tuple[Callable[..., Any], Callable[..., Any]]:
-    """Autograd for ``*_backward`` ops: the VJP of the differentiable reference formulas."""
-    # Positions among the backward op's inputs: the upstream gradients and the buffers
-    # (one run), the hyperparameters, and the per-element hyperparameters after the mask.
-    mask_index = spec.num_outputs + spec.num_inputs
-    differentiable = set(range(spec.num_outputs + spec.num_buffers)) | {
-        spec.num_outputs + spec.hyper_start + k for k in range(len(spec.hyper))
-    } | {mask_index + 1 + k for k in range(len(ELEMENTWISE))}
+def _backward_of_backward(op: OpContract) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """Autograd for ``<op>_backward``: the VJP of the differentiable reference formulas."""
+    slots = op.backward_slots
+    differentiable = {*range(slots.upstream.start, slots.buffers.stop),
+                      *range(slots.hyper.start, slots.hyper.stop),
+                      *range(slots.elementwise.start, slots.elementwise.stop)}
 
     def setup(ctx: Any, inputs: tuple, output: Any) -> None:
         ctx.positions = [i for i, x in enumerate(inputs) if isinstance(x, Tensor)]
         ctx.num_inputs = len(inputs)
-        ctx.mask = inputs[mask_index]
+        ctx.mask = inputs[slots.mask]
         ctx.save_for_backward(*[inputs[i] for i in ctx.positions])
 
     def backward(ctx: Any, *grads: Tensor | None) -> tuple:
         args: list[Any] = [None] * ctx.num_inputs
-        args[mask_index] = ctx.mask
+        args[slots.mask] = ctx.mask
         with torch.enable_grad():
             leaves = []
             for i, x in zip(ctx.positions, ctx.saved_tensors):
                 args[i] = x.detach().requires_grad_(i in differentiable and x.is_floating_point())
                 leaves.append(args[i])
-            outs = getattr(reference, spec.name + "_backward")(*args, check=False)
+            outs = getattr(reference, op.backward_name)(*args, check=False)
             pairs = [(o, g) for o, g in zip(outs, grads)
                      if g is not None and o.requires_grad and o.numel() > 0]
             wrt = [x for x in leaves if x.requires_grad]
@@ -326,21 +267,20 @@ def _backward_of_backward(spec: _Spec) -> tuple[Callable[..., Any], Callable[...
 
 def _register_python_parts() -> None:
     """Fake kernels and autograd for ``torch.ops.loft.*`` (called once the ops exist)."""
-    global _REGISTERED
-    if _REGISTERED:
-        return
-    for spec in (_SGD, _ADAM):
-        torch.library.register_fake(f"loft::{spec.name}", _fake_forward(spec))
-        torch.library.register_fake(f"loft::{spec.name}_backward", _fake_backward(spec))
+    for op in OPS:
+        torch.library.register_fake(f"loft::{op.name}", _fake_forward(op))
+        torch.library.register_fake(f"loft::{op.backward_name}", _fake_backward(op))
         torch.library.register_autograd(
-            f"loft::{spec.name}",
-            lambda ctx, *g, _spec=spec: _backward(_spec, ctx, g),
-            setup_context=_setup_context,
+            f"loft::{op.name}",
+            lambda ctx, *g, _op=op: _op_backward(_op, ctx.saved_tensors, ctx.needs_input_grad, g),
+            setup_context=lambda ctx, inputs, output: _save_inputs(ctx, inputs),
         )
-        setup, backward = _backward_of_backward(spec)
-        torch.library.register_autograd(f"loft::{spec.name}_backward", backward,
+        setup, backward = _backward_of_backward(op)
+        torch.library.register_autograd(f"loft::{op.backward_name}", backward,
                                         setup_context=setup)
-        if spec.inplace:
-            torch.library.register_fake(f"loft::{spec.name}_",
+        if op.inplace:
+            torch.library.register_fake(f"loft::{op.name}_",
                                         lambda params, *args: params.new_empty(params.numel()))
-    _REGISTERED = True
+
+
+_ext.on_load(_register_python_parts)

@@ -13,16 +13,16 @@ operations, recomputed in the same order, with the same random numbers and buffe
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from loft import utils as _utils
-from loft._higher_state import StateMirror, new_structure
-from loft.optim import DifferentiableOptimizer, _FlatOptimizer, _uses_flat_engine
+from loft.flat import FlatState
+from loft.optim.base import DifferentiableOptimizer
+from loft.optim.engine import FlatOptimizer, uses_flat_engine
 from loft.patch import FunctionalModule
 
 __all__ = ["unroll"]
@@ -68,20 +68,20 @@ def unroll(fmodel: FunctionalModule, diffopt: DifferentiableOptimizer, loss_fn: 
     if not isinstance(diffopt, DifferentiableOptimizer):
         raise TypeError(f"unroll: diffopt must be a loft differentiable optimizer, got "
                         f"{type(diffopt).__name__}")
-    if diffopt._fmodel is not fmodel:
+    if diffopt.fmodel is not fmodel:
         raise ValueError("unroll: diffopt must have been built with fmodel=fmodel (as "
                          "innerloop_ctx does), so that its steps update fmodel")
     if not callable(loss_fn):
         raise TypeError(f"unroll: loss_fn must be callable, got {type(loss_fn).__name__}")
     checkpointed = checkpoint_every is not None and fmodel.track_higher_grads \
-        and diffopt._track_higher_grads
+        and diffopt.track_higher_grads
     if checkpointed:
         if not (hasattr(batches, "__len__") and hasattr(batches, "__getitem__")):
             raise TypeError(
                 f"unroll: with checkpoint_every, batches must be a sequence (len() and "
                 f"indexing) so that the meta-backward can replay each segment; got a "
                 f"{type(batches).__name__}, which cannot be replayed. Pass list(batches).")
-        if not isinstance(diffopt, _FlatOptimizer) or not _uses_flat_engine(type(diffopt)):
+        if not isinstance(diffopt, FlatOptimizer) or not uses_flat_engine(type(diffopt)):
             raise TypeError(f"unroll: checkpointing needs one of loft's own optimizers; "
                             f"{type(diffopt).__name__} updates per tensor")
     if not checkpointed:
@@ -91,109 +91,72 @@ def unroll(fmodel: FunctionalModule, diffopt: DifferentiableOptimizer, loss_fn: 
             diffopt.step(loss)
             losses.append(loss.detach())
         return losses
-    assert isinstance(diffopt, _FlatOptimizer) and checkpoint_every is not None
+    assert isinstance(diffopt, FlatOptimizer) and checkpoint_every is not None
     steps = len(batches)  # type: ignore[arg-type]
     if steps == 0:
         return []
     with torch.enable_grad():
-        diffopt._sync_flat_state(list(fmodel.fast_params))
-    runner = _Runner(*_private_copies(fmodel, diffopt), loss_fn, batches)  # type: ignore[arg-type]
+        diffopt.sync_flat_state(list(fmodel.fast_params))
+    # The graph of a checkpointed unroll holds the runner (for the recomputation), and
+    # fmodel's history holds that graph: if the runner held fmodel itself, the two would
+    # form a cycle through autograd's nodes, which Python's collector cannot see, and
+    # every such inner loop would stay in memory. So the runner steps private copies:
+    # fmodel's independent twin (its own patched modules, slots and history, fmodel's
+    # own buffers, so BatchNorm statistics it updates are fmodel's) and diffopt's replica
+    # (the same hyperparameters and layout, its own flat state); neither points back.
+    twin = fmodel.twin()
+    runner = _Runner(twin, diffopt.replica(twin), loss_fn, batches)  # type: ignore[arg-type]
     return runner.run(fmodel, diffopt, checkpoint_every)
 
 
-def _private_copies(fmodel: FunctionalModule,
-                    diffopt: _FlatOptimizer) -> tuple[FunctionalModule, _FlatOptimizer]:
-    """Copies of ``fmodel`` and ``diffopt`` for running and replaying the segments.
+class _Saved(NamedTuple):
+    """What a replay changes and must put back: the flat state, the tracking mode, the history."""
 
-    The graph of a checkpointed unroll holds the runner (for the recomputation), and
-    ``fmodel``'s history holds that graph: if the runner held ``fmodel`` itself, the two
-    would form a cycle through autograd's nodes, which Python's collector cannot see, and
-    every such inner loop would stay in memory. The model copy is ``fmodel``'s
-    independent twin (its own patched modules, parameter slots and history from the
-    current fast weights, and ``fmodel``'s own buffers, so BatchNorm statistics it
-    updates are ``fmodel``'s); the optimiser copy shares the hyperparameters and the
-    layout; nothing points back to the originals.
-    """
-    f = fmodel._twin()
-    d = copy.copy(diffopt)
-    d._fmodel = f
-    d.param_groups = [dict(group) for group in diffopt.param_groups]
-    d._flat_params = list(diffopt._flat_params)
-    d._flat_state = [dict(state) for state in diffopt._flat_state]
-    # The checkpoints keep references to the state: never update it in place. Its own
-    # (empty) record of privately held state, not a share of diffopt's set.
-    d._keep_state = True
-    d._private_state = set()
-    d._steps = list(diffopt._steps)
-    d._has_state = list(diffopt._has_state)
-    d._last_params = list(diffopt._last_params)
-    d._hyper_cache = {}
-    d._elementwise_cache = {}
-    # Its own mirror of higher's state dicts (nobody reads them), following its flat state.
-    d._mirror = StateMirror(new_structure(len(d.param_groups)), d._managed_state_keys(),
-                            flat_is_current=True)
-    return f, d
+    flat: FlatState
+    track: bool
+    times: list[int]
+    history: list[list[Tensor]]
 
 
 class _Runner:
     """Runs the segments of one checkpointed unroll and replays them in the backward."""
 
-    def __init__(self, fmodel: FunctionalModule, diffopt: _FlatOptimizer, loss_fn: LossFn,
+    def __init__(self, fmodel: FunctionalModule, diffopt: FlatOptimizer, loss_fn: LossFn,
                  batches: Sequence[Any]) -> None:
         self.fmodel, self.diffopt, self.loss_fn, self.batches = fmodel, diffopt, loss_fn, batches
+        flat = diffopt.flat_state
+        assert flat is not None
+        self.flat = flat  # the replica's flat state (its object, changed in place)
         self.losses: list[Tensor] = []
         self.extras: list[Tensor] = []  # tensors loss_fn uses that require grad
 
     # ---- the optimiser's and the model's mutable state -----------------------------------
 
-    def _save(self) -> dict[str, Any]:
-        d, f = self.diffopt, self.fmodel
-        return {
-            "flat_params": list(d._flat_params), "flat_state": [dict(s) for s in d._flat_state],
-            "steps": list(d._steps), "last": list(d._last_params), "track": d._track_higher_grads,
-            "history": list(f._fast_params), "times": list(f._times),
-        }
+    def _save(self) -> _Saved:
+        times, history = self.fmodel.history()
+        return _Saved(self.flat.snapshot(), self.diffopt.track_higher_grads, times, history)
 
-    def _restore(self, saved: dict[str, Any]) -> None:
-        d, f = self.diffopt, self.fmodel
-        d._flat_params, d._flat_state = saved["flat_params"], saved["flat_state"]
-        d._steps, d._last_params = saved["steps"], saved["last"]
-        d._track_higher_grads = saved["track"]
-        f._replace_history(saved["times"], saved["history"])
+    def _restore(self, saved: _Saved) -> None:
+        self.flat.restore(saved.flat)
+        self.diffopt.track_higher_grads = saved.track
+        self.fmodel.set_history(saved.times, saved.history)
 
     def _buffers(self) -> list[Tensor]:
         return [b for _, b in self.fmodel.patched_buffers()]
 
     def _load(self, flats: Sequence[Tensor], steps: list[int]) -> None:
         """Make ``flats`` (weights per bucket, then state per bucket) the current state."""
-        d = self.diffopt
-        buckets = d._buckets
-        assert buckets is not None
-        nb = len(buckets)
-        fast = list(self.fmodel.fast_params)
-        names = d._state_names
-        for k, b in enumerate(buckets):
-            base = flats[k]
-            for (off, n, shape), i in zip(zip(b.offsets, b.numels, b.shapes), b.indices):
-                fast[i] = base[off:off + n].view(shape)
-            d._flat_params[k] = base
-            d._flat_state[k] = {name: flats[nb + k * len(names) + j]
-                                for j, name in enumerate(names)}
-        d._steps = list(steps)
-        d._last_params = list(fast)
-        self.fmodel.fast_params = fast
+        self.fmodel.fast_params = self.flat.load(flats, steps, list(self.fmodel.fast_params))
 
     def _outputs(self, differentiable: bool) -> list[Tensor]:
         """The current flat state. ``differentiable``: the weights are concatenated from
         the fast weights (the flat buffer behind them is not itself on the graph)."""
-        d = self.diffopt
-        assert d._buckets is not None
+        flats = self.flat.flats()
         if differentiable:
             fast = self.fmodel.fast_params
-            weights = [b.flatten([fast[i] for i in b.indices]) for b in d._buckets]
-        else:
-            weights = list(d._flat_params)
-        return weights + [s[name] for s in d._flat_state for name in d._state_names]
+            flats[:len(self.flat.buckets)] = [b.flatten([fast[i] for i in b.indices])
+                                              for b in self.flat.buckets]
+        return flats
 
     def _find_extras(self, loss: Tensor, ours: list[Tensor]) -> None:
         """Record the leaves that require grad in ``loss``'s graph other than ``ours``
@@ -223,22 +186,23 @@ class _Runner:
             if len(self.losses) <= t:
                 self.losses.append(loss.detach())
             self.diffopt.step(loss)
-            f = self.fmodel
-            f._replace_history(f._times[-1:], f._fast_params[-1:])
+            times, history = self.fmodel.history()
+            self.fmodel.set_history(times[-1:], history[-1:])
 
     def _known(self) -> list[Tensor]:
-        d = self.diffopt
-        return list(d._flat_params) + list(self.fmodel.fast_params) + self.hyper()
+        weights = [w for w in self.flat.weights if w is not None]
+        return weights + list(self.fmodel.fast_params) + self.hyper()
 
     def _dry_run(self, flats: list[Tensor]) -> None:
         """Evaluate the first inner loss once, without side effects, to find the tensors
         that require grad ``loss_fn`` closes over (they become inputs of every segment)."""
         saved = self._save()
         buffers = [b.detach().clone() for b in self._buffers()]
+        nb = len(self.flat.buckets)
         try:
             with torch.enable_grad(), _replay_rng(_rng_state(flats)):
-                self._load([x.detach().requires_grad_(k < len(self.diffopt._buckets))
-                            for k, x in enumerate(flats)], list(self.diffopt._steps))
+                self._load([x.detach().requires_grad_(k < nb) for k, x in enumerate(flats)],
+                           list(self.flat.steps))
                 loss = self.loss_fn(self.fmodel, self.batches[0])
                 if isinstance(loss, Tensor) and loss.grad_fn is not None:
                     self._find_extras(loss, self._known())
@@ -259,20 +223,18 @@ class _Runner:
                         found.append(leaf)
         return found
 
-    def run(self, fmodel: FunctionalModule, diffopt: _FlatOptimizer, k: int) -> list[Tensor]:
+    def run(self, fmodel: FunctionalModule, diffopt: FlatOptimizer, k: int) -> list[Tensor]:
         """Run the segments on the private copies, recording each checkpoint in the
         user's ``fmodel`` history and leaving ``diffopt`` at the final state."""
-        d, f = self.diffopt, self.fmodel
-        start_params = list(f.fast_params)
-        assert d._buckets is not None
-        buckets = d._buckets
-        nb, names = len(buckets), d._state_names
+        start_params = list(self.fmodel.fast_params)
+        buckets = self.flat.buckets
+        nb = len(buckets)
         # The first segment's flat weights: a differentiable concatenation of the current
         # fast weights (whatever graph they hang on).
         flats = [b.flatten([start_params[i] for i in b.indices]) for b in buckets]
-        flats += [s[name] for s in d._flat_state for name in names]
+        flats += self.flat.flats()[nb:]
         hyper = self.hyper()
-        history, times = list(fmodel._fast_params), list(fmodel._times)
+        times, history = fmodel.history()
         t0 = times[-1]
         total = len(self.batches)
         self._dry_run(flats)
@@ -287,15 +249,14 @@ class _Runner:
                     entry[i] = view
             history.append(entry)
             times.append(t0 + stop)
-        fmodel._replace_history(times, history)
-        diffopt._last_params = list(history[-1])
-        diffopt._private_state = set()  # the graph may hold this state
-        diffopt._flat_params = list(flats[:nb])
-        diffopt._flat_state = [{name: flats[nb + kk * len(names) + j]
-                                for j, name in enumerate(names)} for kk in range(nb)]
-        diffopt._steps = list(d._steps)
-        diffopt._has_state = list(d._has_state)
-        diffopt._mirror.advanced(diffopt._exported_entries)
+        fmodel.set_history(times, history)
+        # diffopt continues from the final state: the checkpoint's flat buffers, the
+        # replica's step counts, and the history's last views as its last weights.
+        final = self.flat.snapshot()
+        final.load(flats, final.steps, list(history[-1]))
+        final.last_views = list(history[-1])
+        final.private, final.keep_buffers = set(), False  # the graph may hold this state
+        diffopt.set_flat_state(final)
         return self.losses
 
 
@@ -306,28 +267,28 @@ class _Segment(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, runner: _Runner, start: int, stop: int, n_flat: int,  # type: ignore[override]
                 n_hyper: int, *inputs: Tensor) -> tuple[Tensor, ...]:
-        d = runner.diffopt
+        flat = runner.flat
         flats = inputs[:n_flat]
         ctx.runner, ctx.start, ctx.stop, ctx.n_flat = runner, start, stop, n_flat
         ctx.n_hyper = n_hyper
-        ctx.steps = list(d._steps)
+        ctx.steps = list(flat.steps)
         ctx.rng = _rng_state(flats)
         ctx.buffers = [b.detach().clone() for b in runner._buffers()]
         ctx.others = list(inputs[n_flat:])  # hyperparameters, then loss_fn's own tensors
         n_extras = len(runner.extras)
-        nb = len(d._buckets)
+        nb = len(flat.buckets)
         saved = runner._save()
         try:
             with torch.enable_grad():
                 runner._load([x.detach().requires_grad_(k < nb) for k, x in enumerate(flats)],
                              ctx.steps)
-                d._track_higher_grads = False
+                runner.diffopt.track_higher_grads = False
                 runner.steps(start, stop, find_extras=True)
                 outs = [x.detach() for x in runner._outputs(False)]
-            steps_after = list(d._steps)
+            steps_after = list(flat.steps)
         finally:
             runner._restore(saved)
-        d._steps = steps_after
+        flat.steps = steps_after
         if len(runner.extras) > n_extras:
             raise RuntimeError(
                 f"unroll: at step {start}, loss_fn used tensors that require grad which the "
@@ -342,16 +303,16 @@ class _Segment(torch.autograd.Function):
         runner: _Runner = ctx.runner
         flats = ctx.saved_tensors
         others = ctx.others
-        d = runner.diffopt
+        nb = len(runner.flat.buckets)
         saved = runner._save()
         current_buffers = [b.detach().clone() for b in runner._buffers()]
         try:
             with torch.enable_grad(), _replay_rng(ctx.rng):
                 _copy_into(runner._buffers(), ctx.buffers)
-                leaves = [x.detach().requires_grad_(k < len(d._buckets) or needs)
+                leaves = [x.detach().requires_grad_(k < nb or needs)
                           for k, (x, needs) in enumerate(zip(flats, ctx.needs_input_grad[5:]))]
                 runner._load(leaves, ctx.steps)
-                d._track_higher_grads = True
+                runner.diffopt.track_higher_grads = True
                 runner.steps(ctx.start, ctx.stop, find_extras=False)
                 outs = runner._outputs(True)
                 pairs = [(o, g) for o, g in zip(outs, grads)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 import loft
-from loft._optim_extra import (
+from loft.optim.unfused import (
     DifferentiableAdadelta,
     DifferentiableAdagrad,
     DifferentiableAdamax,

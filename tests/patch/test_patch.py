@@ -538,7 +538,7 @@ def test_the_patched_tree_is_freed_without_the_cyclic_collector() -> None:
         with loft.innerloop_ctx(model, opt, copy_initial_weights=False) as (fmodel, diffopt):
             diffopt.step((fmodel(x) ** 2).mean())
             fmodel.head.weight = fmodel.head.weight * 2
-            refs = [weakref.ref(m) for m in fmodel.modules()] + [weakref.ref(fmodel._twin())]
+            refs = [weakref.ref(m) for m in fmodel.modules()] + [weakref.ref(fmodel.twin())]
             refs.append(weakref.ref(fmodel.fast_params[0]))
         del fmodel, diffopt
         assert all(r() is None for r in refs)
@@ -548,7 +548,7 @@ def test_the_patched_tree_is_freed_without_the_cyclic_collector() -> None:
 
 def test_twin_has_its_own_weights_and_shares_the_buffers() -> None:
     fmodel = loft.monkeypatch(_model("batchnorm"))
-    twin = fmodel._twin()
+    twin = fmodel.twin()
     assert twin[0] is not fmodel[0] and type(twin[0]) is type(fmodel[0])
     assert twin[1].running_mean is fmodel[1].running_mean
     twin.update_params([p * 0 for p in twin.parameters()])

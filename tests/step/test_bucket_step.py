@@ -18,10 +18,11 @@ def test_elementwise_through_bucket_step(op: str, which: tuple[str, ...], fused:
     with respect to the weights (views), gradients, state, hyperparameters and the
     per-element ones; the [G] weight decay is 0 while the per-element one is not (the
     weights' gradient is then not the upstream one), one tensor is inactive."""
-    from loft._step import bucket_step
+    from loft import _contract
+    from loft.step import bucket_step
     from loft.flat import make_buckets
 
-    spec = ops._SGD if op == SGD else ops._ADAM
+    spec = _contract.SGD if op == SGD else _contract.ADAM
     shapes = [(2, 2), (3,), (1,)]
     bucket = make_buckets([torch.zeros(s, dtype=torch.float64) for s in shapes], [0, 1, 0])[0]
     case = make_case(op, [bucket.numel], torch.float64, [7, 2], seed=5)

@@ -153,7 +153,7 @@ def test_segment_tables_of_usual_steps_equal_the_built_ones() -> None:
             steps = [step] * 3
             table = bucket.segments(steps, active)
             assert table.is_contiguous()
-            assert torch.equal(table, bucket._table(steps, active)), (step, active)
+            assert torch.equal(table, bucket.table(steps, active)), (step, active)
             kept.append((table, table.clone()))
     assert all(torch.equal(table, copy) for table, copy in kept)
 
@@ -221,7 +221,7 @@ def test_weights_gradient_pass_through_equals_the_kernels(
     with respect to every recorded step's weights (one tensor unused, so inactive) must
     equal, bit for bit, those of the kernel's copy; and it must be used exactly when the
     weight decay is 0 and does not require grad."""
-    from loft import _step
+    from loft import step as _step
 
     opt_type, kwargs = opt_item
     original = _step._params_pass_through

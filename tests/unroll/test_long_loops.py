@@ -336,22 +336,23 @@ def test_first_order_keeps_no_second_order_graph() -> None:
         diffopt._grad_callback = lambda gs: seen.extend(gs) or gs
         diffopt.step(_loss(fmodel, _batches(1)[0]))
         assert seen and all(not g.requires_grad for g in seen if g is not None)
-        watched = weakref.ref(diffopt._flat_state[0]["exp_avg"])
+        watched = weakref.ref(diffopt.flat_state.buffers[0]["exp_avg"])
         diffopt.step(_loss(fmodel, _batches(1)[0]))
         # The state may have been updated in place (then it is still the optimiser's
         # current state): once the optimiser lets go of it, nothing holds it.
-        diffopt._flat_state[0] = {}
+        diffopt.flat_state.buffers[0] = {}
         assert watched() is None
         assert list(fmodel.parameters())[0].requires_grad
 
 
 def _count_in_place(monkeypatch: pytest.MonkeyPatch, enabled: bool) -> list[int]:
-    """Counts the in-place-state kernel calls (``enabled=False``: there is none)."""
+    """Counts the in-place-state kernel calls (``enabled=False``: there is none), through
+    the step engine's use of :func:`loft.ops.inplace_kernel`."""
     calls = [0]
-    original = loft.ops._Spec.inplace_fn
+    original = loft.ops.inplace_kernel
 
-    def inplace_fn(spec: Any, device: torch.device) -> Any:
-        fn = original(spec, device) if enabled else None
+    def inplace_kernel(op: Any, device: torch.device) -> Any:
+        fn = original(op, device) if enabled else None
         if fn is None:
             return None
 
@@ -361,7 +362,7 @@ def _count_in_place(monkeypatch: pytest.MonkeyPatch, enabled: bool) -> list[int]
 
         return counted
 
-    monkeypatch.setattr(loft.ops._Spec, "inplace_fn", inplace_fn)
+    monkeypatch.setattr(loft.step, "inplace_kernel", inplace_kernel)
     return calls
 
 

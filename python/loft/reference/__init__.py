@@ -32,7 +32,6 @@ from ._layout import (
     _concrete,  # noqa: F401  # patched here by tests/test_ops.py
     layout,
 )
-from ._layout import layout as _layout  # noqa: F401  # removed once loft.optim.unfused uses layout
 from .adam import ADAM_ELEMENTWISE, adam_step, adam_step_backward
 from .sgd import SGD_ELEMENTWISE, sgd_step, sgd_step_backward
 

@@ -30,7 +30,9 @@ import torch
 from torch import Tensor
 
 from loft import reference
-from loft.optim import _FlatOptimizer
+from loft._contract import UnfusedFlag, compute_dtype
+from loft.optim.engine import FlatOptimizer
+from loft.optim.hyper import StepHyper
 
 __all__ = [
     "DifferentiableAdagrad",
@@ -40,11 +42,6 @@ __all__ = [
     "DifferentiableRMSprop",
     "DifferentiableRprop",
 ]
-
-# group_flags bits.
-MAXIMIZE = 1
-RMSPROP_CENTERED = 2
-RMSPROP_MOMENTUM = 4
 
 
 def _sqrt0(u: Tensor) -> Tensor:
@@ -62,8 +59,8 @@ def _flag(flags: Tensor, layout: Any, bit: int) -> Tensor:
     return (flags[layout.group] & bit) != 0
 
 
-class _ReferenceFlatOptimizer(_FlatOptimizer):
-    """A :class:`_FlatOptimizer` whose step is plain differentiable PyTorch.
+class _ReferenceFlatOptimizer(FlatOptimizer):
+    """A :class:`~loft.optim.engine.FlatOptimizer` whose step is plain differentiable PyTorch.
 
     Subclasses implement :meth:`_math` on the compute-dtype tensors; this class builds
     the layout, sanitises the gradient of inactive elements, applies ``maximize`` and
@@ -73,57 +70,24 @@ class _ReferenceFlatOptimizer(_FlatOptimizer):
     _op_name = "step"
 
     def _group_flags(self, group: dict[str, Any]) -> int:
-        return MAXIMIZE if group.get("maximize", False) else 0
+        return int(UnfusedFlag.MAXIMIZE) if group.get("maximize", False) else 0
 
-    def _call_op(self, params, grads, state, segments, hyper, flags, elementwise):
-        layout = reference._layout(self._op_name, params, segments, flags, check=False)
-        ct = reference.compute_dtype(params.dtype)
+    def _reference_step(self, params, grads, state, segments, hyper, flags, elementwise):
+        layout = reference.layout(self._op_name, params, segments, flags, check=False)
+        ct = compute_dtype(params.dtype)
         act = layout.active
         p = params.to(ct)
         g = torch.where(act, grads.to(ct), 0)
-        g = torch.where(_flag(flags, layout, MAXIMIZE), -g, g)
+        g = torch.where(_flag(flags, layout, UnfusedFlag.MAXIMIZE), -g, g)
         p_new, new_state = self._math(p, g, state, layout, segments,
-                                      _Hyper(hyper, elementwise, layout), flags, ct)
+                                      StepHyper(hyper, elementwise, layout), flags, ct)
         out_state = {name: value.to(state[name].dtype) for name, value in new_state.items()}
         return torch.where(act, p_new, p).to(params.dtype), out_state
 
     def _math(self, p: Tensor, g: Tensor, state: dict[str, Tensor], layout: Any,
-              segments: Tensor, hyper: _Hyper, flags: Tensor,
+              segments: Tensor, hyper: StepHyper, flags: Tensor,
               ct: torch.dtype) -> tuple[Tensor, dict[str, Tensor]]:
         raise NotImplementedError
-
-
-class _Hyper:
-    """A step's hyperparameters for the reference math: each one per group (``[G]``) or,
-    where a group gave a tensor shaped like its parameters, per element (``[N]``)."""
-
-    def __init__(self, hyper: dict[str, Tensor], elementwise: dict[str, Tensor],
-                 layout: Any) -> None:
-        self.hyper, self.elementwise, self.layout = hyper, elementwise, layout
-
-    def __getitem__(self, name: str) -> Tensor:
-        """Hyperparameter ``name`` of every element (the compute dtype)."""
-        values = self.elementwise.get(name)
-        return values if values is not None else self.hyper[name][self.layout.group]
-
-    def per_element(self, *names: str) -> bool:
-        """Whether any of ``names`` is given per element."""
-        return any(name in self.elementwise for name in names)
-
-    def scalars(self, name: str, per_element: bool) -> Tensor:
-        """``name`` in float64 per segment (``[S]``), or per element with ``per_element``."""
-        if per_element:
-            return self[name].double()
-        return self.hyper[name].double()[self.layout.seg_group]
-
-    def steps(self, per_element: bool) -> Tensor:
-        """Each tensor's step count after this update, float64, per segment or element."""
-        t = self.layout.seg_t
-        return self.layout.per_segment(t, torch.float64) if per_element else t
-
-    def to_elements(self, values: Tensor, per_element: bool, ct: torch.dtype) -> Tensor:
-        """Float64 values of :meth:`scalars`' layout, per element in ``ct``."""
-        return values.to(ct) if per_element else self.layout.per_segment(values, ct)
 
 
 class DifferentiableAdagrad(_ReferenceFlatOptimizer):
@@ -355,15 +319,15 @@ class DifferentiableRMSprop(_ReferenceFlatOptimizer):
     def _group_flags(self, group: dict[str, Any]) -> int:
         flags = super()._group_flags(group)
         if group.get("centered", False):
-            flags |= RMSPROP_CENTERED
+            flags |= UnfusedFlag.RMSPROP_CENTERED
         momentum = group.get("momentum", 0.0)
         if bool((momentum > 0).any()) if isinstance(momentum, Tensor) else momentum > 0:
-            flags |= RMSPROP_MOMENTUM
-        return flags
+            flags |= UnfusedFlag.RMSPROP_MOMENTUM
+        return int(flags)
 
     def _optional_needed(self, flags: list[int]) -> dict[str, bool]:
-        return {"momentum_buffer": any(f & RMSPROP_MOMENTUM for f in flags),
-                "grad_avg": any(f & RMSPROP_CENTERED for f in flags)}
+        return {"momentum_buffer": any(f & UnfusedFlag.RMSPROP_MOMENTUM for f in flags),
+                "grad_avg": any(f & UnfusedFlag.RMSPROP_CENTERED for f in flags)}
 
     def _unused_state(self, flags: list[int]) -> set[str]:
         return {name for name, needed in self._optional_needed(flags).items() if not needed}
@@ -380,7 +344,7 @@ class DifferentiableRMSprop(_ReferenceFlatOptimizer):
         v = state["square_avg"].to(ct)
         v_new = v * alpha + (1 - alpha) * g2 * g2
         out = {"square_avg": torch.where(act, v_new, v)}
-        centered = _flag(flags, layout, RMSPROP_CENTERED) & act
+        centered = _flag(flags, layout, UnfusedFlag.RMSPROP_CENTERED) & act
         if state["grad_avg"].numel() > 0:
             ga = state["grad_avg"].to(ct)
             ga_new = torch.lerp(ga, g2, 1 - alpha)
@@ -394,7 +358,7 @@ class DifferentiableRMSprop(_ReferenceFlatOptimizer):
         lr = hyper["lr"]
         p_plain = p + (-lr) * g2 / avg
         if state["momentum_buffer"].numel() > 0:
-            use_mom = _flag(flags, layout, RMSPROP_MOMENTUM) & act
+            use_mom = _flag(flags, layout, UnfusedFlag.RMSPROP_MOMENTUM) & act
             b = state["momentum_buffer"].to(ct)
             b_new = b * hyper["momentum"] + g2 / avg
             p_new = torch.where(use_mom, p + (-lr) * b_new, p_plain)

@@ -1,4 +1,4 @@
-"""One optimiser step over a bucket as a single autograd node.
+"""The step engine: one optimiser step over a bucket as a single autograd node.
 
 :func:`bucket_step` takes the fast weights of a bucket as the per-tensor views the model
 uses, their per-tensor gradients, the flat optimiser state and the ``[G]``
@@ -27,17 +27,19 @@ differentiable.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from loft import _ext
+from loft._contract import OpContract
 from loft.flat import Bucket
-from loft.ops import _Spec
+from loft.ops import backward_kernel, forward_kernel, inplace_kernel
 
-__all__ = ["bucket_step", "shift_step"]
+__all__ = ["bucket_step", "shift_step", "is_constant_shift"]
 
 
 def _apply(fn: type[torch.autograd.Function], *args: Any) -> Any:
@@ -59,9 +61,9 @@ def _apply(fn: type[torch.autograd.Function], *args: Any) -> Any:
 _C_APPLY = vars(torch._C._FunctionBase).get("apply")
 
 
-def _all_in_place(bucket: Bucket, parts: Sequence[Tensor | None]) -> bool:
-    """Whether every part is present and already in ``bucket``'s dtype and device (so it
-    can be copied into a flat buffer as it is)."""
+def _ready_to_copy(bucket: Bucket, parts: Sequence[Tensor | None]) -> bool:
+    """Whether every part is present and already in ``bucket``'s dtype and device, so that
+    it can be copied into a flat buffer as it is (no cast, no zeros)."""
     return all(t is not None and t.dtype == bucket.dtype and t.device == bucket.device
                for t in parts)
 
@@ -70,7 +72,7 @@ def _cat(bucket: Bucket, parts: Sequence[Tensor | None], like: Tensor) -> Tensor
     """The flat buffer of ``parts`` (``None``: zeros), in ``bucket``'s dtype and device."""
     if not parts:
         return like.new_empty(0)
-    if not torch.is_grad_enabled() and _all_in_place(bucket, parts):
+    if not torch.is_grad_enabled() and _ready_to_copy(bucket, parts):
         # One C++ call instead of a reshape per tensor (a per-step cost on small models).
         return torch._C._nn.flatten_dense_tensors(list(parts))
     return torch.cat([
@@ -88,7 +90,7 @@ def _with_flat(bucket: Bucket, parts: Sequence[Tensor | None], like: Tensor, slo
     the fused kernels, whose outputs are always new tensors (the reference formulas may
     return an input as it is)."""
     if parts and not torch.is_grad_enabled() and _ext.has_device_kernels(bucket.device) and \
-            _all_in_place(bucket, parts):
+            _ready_to_copy(bucket, parts):
         return bucket.gather(parts, slot, run)  # type: ignore[arg-type]
     return run(_cat(bucket, parts, like))
 
@@ -98,36 +100,56 @@ def _split(bucket: Bucket, flat: Tensor, wanted: Sequence[bool]) -> list[Tensor 
     return [part if want else None for part, want in zip(bucket.plain_views(flat), wanted)]
 
 
-class _BucketStep(torch.autograd.Function):
-    """``(views, grads, state, hyper, elementwise, segments, flags) -> (new views, new state)``.
+class _Inputs(NamedTuple):
+    """Where each group of :class:`_BucketStep`'s tensor inputs sits (after op, bucket, base)."""
 
-    ``elementwise`` is empty or ``(lr_elementwise, weight_decay_elementwise)``: it lies
-    between the ``len(spec.hyper)`` hyperparameters and the segment table.
-    """
+    views: slice
+    grads: slice
+    state: slice
+    hyper: slice
+    elementwise: slice  # empty, or lr_elementwise, weight_decay_elementwise
+    segments: int
+    flags: int
 
     @staticmethod
-    def forward(ctx: Any, spec: _Spec, bucket: Bucket, base: Tensor | None,  # type: ignore[override]
+    @functools.cache
+    def of(op: OpContract, num_tensors: int, num_elementwise: int) -> _Inputs:
+        """The layout for ``num_tensors`` parameters, with or without the per-element ones."""
+        s, n_state, n_hyper = num_tensors, len(op.state), len(op.hyper)
+        hyper = 2 * s + n_state
+        elementwise = hyper + n_hyper
+        segments = elementwise + num_elementwise
+        return _Inputs(slice(0, s), slice(s, 2 * s), slice(2 * s, hyper),
+                       slice(hyper, elementwise), slice(elementwise, segments), segments,
+                       segments + 1)
+
+
+#: ``_BucketStep.apply``'s arguments before the tensors: op, bucket, base.
+_LEADING = 3
+
+
+class _BucketStep(torch.autograd.Function):
+    """``(views, grads, state, hyper, elementwise, segments, flags) -> (new views, new state)``
+    (:func:`bucket_step`), one node per bucket and step."""
+
+    @staticmethod
+    def forward(ctx: Any, op: OpContract, bucket: Bucket, base: Tensor | None,  # type: ignore[override]
                 *tensors: Tensor | None) -> tuple[Tensor, ...]:
-        s = len(bucket.numels)
-        n_state = spec.num_outputs - 1
-        views, grads = tensors[:s], tensors[s:2 * s]
-        state = tensors[2 * s:2 * s + n_state]
-        first_hyper_tensor = 2 * s + n_state
-        hyper = tensors[first_hyper_tensor:first_hyper_tensor + len(spec.hyper)]
-        elementwise = tensors[first_hyper_tensor + len(spec.hyper):-2]
-        segments, flags = tensors[-2], tensors[-1]
+        at = _Inputs.of(op, len(bucket.numels), len(tensors) - 2 * len(bucket.numels)
+                        - len(op.state) - len(op.hyper) - 2)
+        views, grads, state = tensors[at.views], tensors[at.grads], tensors[at.state]
+        hyper, elementwise = tensors[at.hyper], tensors[at.elementwise]
+        segments, flags = tensors[at.segments], tensors[at.flags]
         like = next(t for t in (*views, *state) if t is not None)
         params = base if base is not None else _cat(bucket, views, like)
-        fn = spec.forward_fn(params.device)
-        outs = _with_flat(bucket, grads, like, 0,
-                          lambda flat_grads: fn(params, flat_grads, *state, segments, *hyper,
-                                                flags, *elementwise))
-        ctx.spec, ctx.bucket, ctx.n_state = spec, bucket, n_state
-        ctx.n_elementwise = len(elementwise)
+        kernel = forward_kernel(op, params.device)
+        outs = _with_flat(bucket, grads, like, 0, lambda flat_grads: kernel(
+            params, flat_grads, *state, segments, *hyper, flags, *elementwise))
+        ctx.op, ctx.bucket, ctx.at = op, bucket, at
         ctx.grad_present = [g is not None for g in grads]
-        first_hyper = 3 + first_hyper_tensor
+        needs = ctx.needs_input_grad[_LEADING:]
         # Hyperparameter gradients (group or per element) read the buffers' values.
-        ctx.values_saved = spec.values_needed or any(ctx.needs_input_grad[first_hyper:-2])
+        ctx.values_saved = not op.linear or any(needs[at.hyper]) or any(needs[at.elementwise])
         if ctx.values_saved:
             ctx.save_for_backward(base if base is not None else params, *views,
                                   *[g for g in grads if g is not None], *state, segments,
@@ -143,11 +165,11 @@ class _BucketStep(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *grad_outputs: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        spec: _Spec = ctx.spec
-        bucket: Bucket = ctx.bucket
-        s, n_state = len(bucket.numels), ctx.n_state
         if not ctx.values_saved:
             return _linear_backward(ctx, grad_outputs)
+        op: OpContract = ctx.op
+        bucket: Bucket = ctx.bucket
+        s, n_state = len(bucket.numels), len(op.state)
         saved = list(ctx.saved_tensors)
         params_flat = saved[0]
         views = saved[1:1 + s]
@@ -164,44 +186,41 @@ class _BucketStep(torch.autograd.Function):
             # Rebuild the flat inputs with differentiable ops so that a second backward
             # reaches the views and the per-tensor gradients.
             params_flat = _cat(bucket, views, params_flat)
-        fn = spec.backward_fn(params_flat.device, differentiable=differentiable)
+        kernel = backward_kernel(op, params_flat.device, differentiable=differentiable)
         mask = _hyper_grad_mask(ctx)
 
         def run(flat_grads: Tensor) -> Any:
-            return _with_upstream(bucket, grad_outputs, params_flat, lambda up, up_state: fn(
+            return _with_upstream(bucket, grad_outputs, params_flat, lambda up, up_state: kernel(
                 up, *up_state, params_flat, flat_grads, *state, segments, *hyper, flags, mask,
                 *elementwise))
 
         through = grad_outputs[:s] if _params_pass_through(
-            spec, _weight_decay_in_effect(spec, hyper, elementwise)) else None
+            op, _weight_decay_in_effect(op, hyper, elementwise)) else None
         return _input_grads(ctx, _with_flat(bucket, grads, params_flat, 0, run), through)
 
 
 def _hyper_and_elementwise(ctx: Any, saved: Sequence[Tensor]
                            ) -> tuple[Sequence[Tensor], Sequence[Tensor]]:
     """The saved ``[G]`` hyperparameters and per-element ones (empty, or two)."""
-    split = len(saved) - ctx.n_elementwise
+    split = len(ctx.op.hyper)
     return saved[:split], saved[split:]
 
 
 def _hyper_grad_mask(ctx: Any) -> int:
     """The backward kernel's hyper_grad_mask: bit k for the k-th ``[G]`` hyperparameter,
     bits H and H + 1 for the per-element ones, where they require grad."""
-    spec: _Spec = ctx.spec
-    needs = ctx.needs_input_grad  # (spec, bucket, base, views..., grads..., state..., hyper...)
-    first_hyper = 3 + 2 * len(ctx.bucket.numels) + ctx.n_state
-    wanted = needs[first_hyper:first_hyper + len(spec.hyper) + ctx.n_elementwise]
-    return sum(1 << k for k, want in enumerate(wanted) if want)
+    needs = ctx.needs_input_grad[_LEADING:]
+    return ctx.op.hyper_grad_mask(needs[ctx.at.hyper], needs[ctx.at.elementwise])
 
 
-def _weight_decay_in_effect(spec: _Spec, hyper: Sequence[Tensor],
+def _weight_decay_in_effect(op: OpContract, hyper: Sequence[Tensor],
                             elementwise: Sequence[Tensor]) -> Sequence[Tensor]:
     """``hyper`` with the ``[G]`` weight decay replaced by the per-element one where that is
     given (the group's value is then used by no element)."""
     if len(elementwise) < 2 or elementwise[1].numel() == 0:
         return hyper
     effective = list(hyper)
-    effective[spec.hyper.index("weight_decay")] = elementwise[1]
+    effective[op.hyper.index("weight_decay")] = elementwise[1]
     return effective
 
 
@@ -219,7 +238,7 @@ def _with_upstream(bucket: Bucket, grad_outputs: Sequence[Tensor | None], like: 
     return _with_flat(bucket, view_grads, like, 1, lambda flat: run(flat, upstream_state))
 
 
-def _params_pass_through(spec: _Spec, hyper: Sequence[Tensor]) -> bool:
+def _params_pass_through(op: OpContract, hyper: Sequence[Tensor]) -> bool:
     """Whether the gradient of the weights is the upstream gradient of the new weights,
     unchanged: for SGD and Adam(W) that is so for every element, active or not, when the
     weight decay is 0 in every group (``p' = p - delta`` with ``delta`` independent of
@@ -227,7 +246,7 @@ def _params_pass_through(spec: _Spec, hyper: Sequence[Tensor]) -> bool:
     when the weight decay requires grad (the gradient then depends on it), and only read
     on the CPU (on CUDA the check would synchronise). ``hyper`` holds the weight decay in
     effect: the per-element one where it is given (:func:`_weight_decay_in_effect`)."""
-    wd = hyper[spec.hyper.index("weight_decay")]
+    wd = hyper[op.hyper.index("weight_decay")]
     return wd.device.type == "cpu" and not wd.requires_grad and not bool(wd.any())
 
 
@@ -235,34 +254,31 @@ def _input_grads(ctx: Any, result: Sequence[Tensor],
                  upstream_views: Sequence[Tensor | None] | None = None
                  ) -> tuple[Tensor | None, ...]:
     """The backward kernel's ``result`` as the gradients of :class:`_BucketStep`'s inputs
-    ``(spec, bucket, base, views..., grads..., state..., hyper..., segments, flags)``.
+    ``(op, bucket, base, views..., grads..., state..., hyper..., elementwise..., segments,
+    flags)``.
 
     ``upstream_views``: the upstream gradients of the new weights, to be returned as the
     gradients of the old ones (:func:`_params_pass_through`) instead of cutting the
     kernel's copy of them into views.
     """
-    spec: _Spec = ctx.spec
+    op: OpContract = ctx.op
     bucket: Bucket = ctx.bucket
-    s, n_state = len(bucket.numels), ctx.n_state
-    needs = ctx.needs_input_grad
-    first_hyper = 3 + 2 * s + n_state
-    num_hyper = len(spec.hyper)
-    out: list[Tensor | None] = [None, None, None]
+    at: _Inputs = ctx.at
+    needs = ctx.needs_input_grad[_LEADING:]
+    grads = op.grad_slots
+    out: list[Tensor | None] = [None] * _LEADING
     if upstream_views is not None:
         like = result[0]  # the kernel's dense copy: zeros where the upstream had none
         out += [None if not need else g if g is not None else
                 like.new_zeros(shape) for g, need, shape in
-                zip(upstream_views, needs[3:3 + s], bucket.shapes)]
+                zip(upstream_views, needs[at.views], bucket.shapes)]
     else:
-        out += _split(bucket, result[0], needs[3:3 + s])
-    out += _split(bucket, result[1], [p and n for p, n in
-                                      zip(ctx.grad_present, needs[3 + s:3 + 2 * s])])
-    out += [g if needs[3 + 2 * s + i] else None
-            for i, g in enumerate(result[2:spec.num_buffers])]
-    out += [g if needs[first_hyper + k] else None
-            for k, g in enumerate(result[spec.num_buffers:spec.num_buffers + num_hyper])]
-    out += [result[spec.num_buffers + num_hyper + k] if needs[first_hyper + num_hyper + k]
-            else None for k in range(ctx.n_elementwise)]
+        out += _split(bucket, result[0], needs[at.views])
+    out += _split(bucket, result[1], [p and n for p, n in zip(ctx.grad_present, needs[at.grads])])
+    out += [g if need else None for g, need in zip(result[2:grads.buffers.stop], needs[at.state])]
+    out += [g if need else None for g, need in zip(result[grads.hyper], needs[at.hyper])]
+    out += [g if need else None for g, need in zip(result[grads.elementwise],
+                                                    needs[at.elementwise])]
     out += [None, None]  # segments, flags
     return tuple(out)
 
@@ -273,41 +289,38 @@ def _linear_backward(ctx: Any, grad_outputs: Sequence[Tensor | None]) -> tuple:
     gradients, the segment table and the hyperparameters only (a per-element lr or
     weight decay included), so any tensor of the right size stands in for the weights,
     gradients and momentum buffer it did not keep."""
-    spec: _Spec = ctx.spec
+    op: OpContract = ctx.op
     bucket: Bucket = ctx.bucket
     s = len(bucket.numels)
     segments, *rest, flags = ctx.saved_tensors
     hyper, elementwise = _hyper_and_elementwise(ctx, rest)
     view_grads = grad_outputs[:s]
-    state_grads = grad_outputs[s:]
-    present = [g for g in (*view_grads, *state_grads) if g is not None]
-    n_inputs = 3 + 2 * s + ctx.n_state + len(hyper) + ctx.n_elementwise + 2
+    present = [g for g in grad_outputs if g is not None]
     if not present:
-        return (None,) * n_inputs
-    fn = spec.backward_fn(present[0].device, differentiable=torch.is_grad_enabled())
+        return (None,) * (_LEADING + ctx.at.flags + 1)
+    kernel = backward_kernel(op, present[0].device, differentiable=torch.is_grad_enabled())
 
     def run(upstream_params: Tensor, upstream_state: list[Tensor]) -> Any:
         stand_in = upstream_params if upstream_params.numel() else next(
             g for g in upstream_state if g.numel())
         stand_in = stand_in.detach()
         state = [stand_in if n else stand_in.new_empty(0) for n in ctx.state_numels]
-        return fn(upstream_params, *upstream_state, stand_in, stand_in, *state, segments,
-                  *hyper, flags, 0, *elementwise)
+        return kernel(upstream_params, *upstream_state, stand_in, stand_in, *state, segments,
+                      *hyper, flags, 0, *elementwise)
 
     through = view_grads if _params_pass_through(
-        spec, _weight_decay_in_effect(spec, hyper, elementwise)) else None
+        op, _weight_decay_in_effect(op, hyper, elementwise)) else None
     return _input_grads(ctx, _with_upstream(bucket, grad_outputs, present[0], run), through)
 
 
-def bucket_step(spec: _Spec, bucket: Bucket, base: Tensor | None, views: Sequence[Tensor],
+def bucket_step(op: OpContract, bucket: Bucket, base: Tensor | None, views: Sequence[Tensor],
                 grads: Sequence[Tensor | None], state: Sequence[Tensor],
-                hyper: Sequence[Tensor], segments: Tensor,
-                flags: Tensor, *, elementwise: Sequence[Tensor] = ()
-                ) -> tuple[list[Tensor], list[Tensor]]:
-    """One fused step of ``spec`` over ``bucket``, as one autograd node.
+                hyper: Sequence[Tensor], segments: Tensor, flags: Tensor, *,
+                elementwise: Sequence[Tensor] = ()) -> tuple[list[Tensor], list[Tensor]]:
+    """One fused step of ``op`` over ``bucket``, as one autograd node.
 
     Args:
-        spec: the op (:data:`loft.ops._SGD` or :data:`loft.ops._ADAM`).
+        op: the op's contract (:data:`loft._contract.SGD` or :data:`~loft._contract.ADAM`).
         bucket: the layout of the flat buffers.
         base: the flat buffer that ``views`` are intact views of, or ``None`` (the views
             are then concatenated).
@@ -324,10 +337,24 @@ def bucket_step(spec: _Spec, bucket: Bucket, base: Tensor | None, views: Sequenc
     Returns:
         The new weights as views of one new flat buffer, and the new state buffers.
     """
-    outs = _apply(_BucketStep, spec, bucket, base, *views, *grads, *state, *hyper, *elementwise,
+    outs = _apply(_BucketStep, op, bucket, base, *views, *grads, *state, *hyper, *elementwise,
                   segments, flags)
     s = len(bucket.numels)
     return list(outs[:s]), list(outs[s:])
+
+
+def is_constant_shift(op: OpContract, grads: Sequence[Tensor | None], state: Sequence[Tensor],
+                      hyper: Sequence[Tensor], elementwise: Sequence[Tensor]) -> bool:
+    """Whether the update is ``p - delta`` with ``delta`` independent of anything that
+    requires grad (then :func:`shift_step` may run it): constant gradients (first
+    order), state and hyperparameters, and no weight decay (which would tie ``delta`` or
+    a scale to ``p``)."""
+    if any(g is not None and g.requires_grad for g in grads):
+        return False
+    if any(t.requires_grad for t in (*state, *hyper, *elementwise)):
+        return False
+    return not bool(_weight_decay_in_effect(op, hyper, elementwise)[
+        op.hyper.index("weight_decay")].any())
 
 
 class _Shift(torch.autograd.Function):
@@ -345,30 +372,27 @@ class _Shift(torch.autograd.Function):
         return (None, None) + tuple(grads)
 
 
-def shift_step(spec: _Spec, bucket: Bucket, base: Tensor | None, views: Sequence[Tensor],
+def shift_step(op: OpContract, bucket: Bucket, base: Tensor | None, views: Sequence[Tensor],
                grads: Sequence[Tensor | None], state: Sequence[Tensor],
                hyper: Sequence[Tensor], segments: Tensor, flags: Tensor,
                state_in_place: bool = False, *, elementwise: Sequence[Tensor] = ()
                ) -> tuple[list[Tensor], list[Tensor]]:
     """:func:`bucket_step` for an update ``p' = p - delta`` whose ``delta`` depends on
-    nothing that requires grad (the caller checks, the per-element hyperparameters in
-    ``elementwise`` included, and that no weight decay ties ``delta`` to ``p``): the step
-    runs without a graph, and the new weights are differentiable with respect to the old
-    ``views`` with derivative 1, through one node that saves nothing. The new state does
-    not require grad.
+    nothing that requires grad (:func:`is_constant_shift`): the step runs without a
+    graph, and the new weights are differentiable with respect to the old ``views`` with
+    derivative 1, through one node that saves nothing. The new state does not require grad.
 
     ``state_in_place``: the caller is the only holder of ``state`` (no view, no saved
     reference), so the kernel may overwrite it with the new state where it can
-    (:meth:`loft.ops._Spec.inplace_fn`); the returned state is then ``state`` itself.
+    (:func:`loft.ops.inplace_kernel`); the returned state is then ``state`` itself.
     """
     with torch.no_grad():
         like = views[0]
         params = base if base is not None else _cat(bucket, views, like)
-        inplace = spec.inplace_fn(params.device) if state_in_place else None
-        fn = inplace if inplace is not None else spec.forward_fn(params.device)
-        outs = _with_flat(bucket, grads, like, 0,
-                          lambda flat_grads: fn(params, flat_grads, *state, segments, *hyper,
-                                                flags, *elementwise))
+        inplace = inplace_kernel(op, params.device) if state_in_place else None
+        kernel = inplace if inplace is not None else forward_kernel(op, params.device)
+        outs = _with_flat(bucket, grads, like, 0, lambda flat_grads: kernel(
+            params, flat_grads, *state, segments, *hyper, flags, *elementwise))
     # The in-place kernel returns the new params alone; the state is then ``state``.
     new_params, new_state = (outs, list(state)) if inplace is not None else (outs[0],
                                                                              list(outs[1:]))
