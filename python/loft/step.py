@@ -39,7 +39,7 @@ from loft._contract import OpContract
 from loft.flat import Bucket
 from loft.ops import backward_kernel, forward_kernel, inplace_kernel
 
-__all__ = ["bucket_step", "shift_step", "is_constant_shift"]
+__all__ = ["bucket_step", "shift_step", "is_constant_shift", "is_sole_holder"]
 
 
 def _apply(fn: type[torch.autograd.Function], *args: Any) -> Any:
@@ -397,3 +397,17 @@ def shift_step(op: OpContract, bucket: Bucket, base: Tensor | None, views: Seque
     new_params, new_state = (outs, list(state)) if inplace is not None else (outs[0],
                                                                              list(outs[1:]))
     return list(_apply(_Shift, bucket, new_params, *views)), new_state
+
+
+def is_sole_holder(t: Tensor) -> bool:
+    """Whether ``t`` is the only tensor on its memory (no view of it, no detached or other
+    alias: the storage is held once by ``t`` and once by the probe itself) and is not a
+    view itself. A saved reference to ``t`` itself is not seen here: the caller rules
+    those out (:attr:`loft.flat.FlatState.private`). :func:`shift_step` may overwrite
+    state whose every buffer passes this."""
+    if t.numel() == 0:
+        return True
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    if use_count is None:  # a torch without the probe: never in place
+        return False
+    return t._base is None and use_count(t.untyped_storage()._cdata) == 2

@@ -245,14 +245,7 @@ class SuiteResult:
         The plot comes last: if it fails, :class:`loft.bench.plotting.PlotError` is
         raised with the JSON and the table already written.
         """
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        paths = {"json": out / "results.json", "table": out / "results.txt"}
-        paths["json"].write_text(json.dumps(self.to_json(), indent=1))
-        paths["table"].write_text(self.table() + "\n")
-        if plot:
-            plotting.write_plot(plotting.plot_results, self, out / "results.png", paths)
-        return paths
+        return _write(self, out_dir, "results", plotting.plot_results if plot else None)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> SuiteResult:
@@ -417,19 +410,8 @@ class LongResult:
                 "targets": self.target_rows()}
 
     def save(self, out_dir: str | os.PathLike[str], plot: bool = True) -> dict[str, Path]:
-        """Write ``long.json``, ``long.txt`` and (if ``plot``) ``long.png``.
-
-        The plot comes last: if it fails, :class:`loft.bench.plotting.PlotError` is
-        raised with the JSON and the table already written.
-        """
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        paths = {"json": out / "long.json", "table": out / "long.txt"}
-        paths["json"].write_text(json.dumps(self.to_json(), indent=1))
-        paths["table"].write_text(self.table() + "\n")
-        if plot:
-            plotting.write_plot(plotting.plot_long, self, out / "long.png", paths)
-        return paths
+        """Write ``long.json``, ``long.txt`` and ``long.png``, as :meth:`SuiteResult.save`."""
+        return _write(self, out_dir, "long", plotting.plot_long if plot else None)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> LongResult:
@@ -442,3 +424,17 @@ def _fmt_padded(value: float | None, spec: str) -> str:
     if value is None:
         return "-".rjust(int(spec.split(".")[0]))
     return format(value, spec)
+
+
+def _write(result: SuiteResult | LongResult, out_dir: str | os.PathLike[str], stem: str,
+           plot: Any) -> dict[str, Path]:
+    """``<stem>.json`` and ``<stem>.txt`` of ``result`` in ``out_dir``, then the plot
+    ``<stem>.png`` with ``plot`` (if not ``None``; its failure raises PlotError last)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / f"{stem}.json", "table": out / f"{stem}.txt"}
+    paths["json"].write_text(json.dumps(result.to_json(), indent=1))
+    paths["table"].write_text(result.table() + "\n")
+    if plot is not None:
+        plotting.write_plot(plot, result, out / f"{stem}.png", paths)
+    return paths

@@ -27,8 +27,8 @@ from loft.optim.engine import FlatOptimizer
 from loft.optim.fused import DifferentiableAdam, DifferentiableAdamW, DifferentiableSGD
 from loft.optim.registry import (  # noqa: F401 - higher's names
     _OPT_MAPPING,
-    _OptMappingType,
     _opt_mapping,
+    _OptMappingType,
     apply_trainable_opt_params,
     create_diff_optim,
     get_diff_optim,

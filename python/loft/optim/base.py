@@ -256,7 +256,7 @@ class DifferentiableOptimizer:
             all_grads = callback(list(all_grads))
         all_grads = [g if (g is not None and p.requires_grad) else None
                      for g, p in zip(all_grads, params)]
-        new_params = self._flat_update(params, list(all_grads))
+        new_params = self._new_weights(params, list(all_grads))
         if self._fmodel is not None:
             # loft's flat optimisers return views shaped as the weights they were given;
             # a higher-style _update may return anything, so that is checked.
@@ -264,7 +264,7 @@ class DifferentiableOptimizer:
         return new_params
 
     def _returns_own_views(self) -> bool:
-        """Whether ``_flat_update`` returns loft's own views, shaped as the weights it was
+        """Whether ``_new_weights`` returns loft's own views, shaped as the weights it was
         given (a higher-style ``_update`` may return anything, so that is checked)."""
         return False
 
@@ -381,7 +381,7 @@ class DifferentiableOptimizer:
             "in higher) to be used as a differentiable optimizer"
         )
 
-    def _flat_update(self, params: list[Tensor], grads: list[Tensor | None]) -> list[Tensor]:
+    def _new_weights(self, params: list[Tensor], grads: list[Tensor | None]) -> list[Tensor]:
         """Return the new parameters given the current ones and their gradients.
 
         The generic path calls :meth:`_update` on per-group lists, as higher does.

@@ -22,7 +22,7 @@ from loft.optim import per_tensor
 from loft.optim.base import DifferentiableOptimizer
 from loft.optim.higher_state import StateMirror, new_structure
 from loft.optim.hyper import HyperReader, broadcasts_to, scalar_tensor
-from loft.step import bucket_step, is_constant_shift, shift_step
+from loft.step import bucket_step, is_constant_shift, is_sole_holder, shift_step
 
 __all__ = ["FlatOptimizer", "uses_flat_engine"]
 
@@ -37,7 +37,7 @@ class FlatOptimizer(DifferentiableOptimizer):
     (``_op``) or run one step over a bucket in ``_reference_step``.
 
     Note: two ways to run. A class of loft's own (neither ``step`` nor ``_update``
-    overridden by a subclass) runs the flat engine (:meth:`_flat_update`), and keeps
+    overridden by a subclass) runs the flat engine (:meth:`_new_weights`), and keeps
     higher's ``state`` dicts as a mirror of its flat buffers. A subclass that overrides
     ``step`` or ``_update`` gets higher's per-tensor ``_update``
     (:mod:`loft.optim.per_tensor`: the same math, one tensor at a time, on the dicts).
@@ -201,7 +201,7 @@ class FlatOptimizer(DifferentiableOptimizer):
                 flat.steps[i], flat.has_state[i], flat.step_dtypes[i] = (
                     step, has_state, step_dtype)
         # An optional buffer has 0 elements unless a group needs it; an override that
-        # turns it on later allocates it (_flat_update).
+        # turns it on later allocates it (_new_weights).
         unused = self._unused_state([self._group_flags(g) for g in self.param_groups])
         flat.buffers = []
         for b in flat.buckets:
@@ -274,11 +274,11 @@ class FlatOptimizer(DifferentiableOptimizer):
 
     # ---- the flat engine ---------------------------------------------------------------------
 
-    def _flat_update(self, params: list[Tensor], grads: list[Tensor | None]) -> list[Tensor]:
+    def _new_weights(self, params: list[Tensor], grads: list[Tensor | None]) -> list[Tensor]:
         """The new fast weights: one step per bucket (``step`` has checked the shapes)."""
         if not uses_flat_engine(type(self)):
             # A subclass written for higher: the per-tensor _update, as higher runs it.
-            return DifferentiableOptimizer._flat_update(self, params, grads)
+            return DifferentiableOptimizer._new_weights(self, params, grads)
         flags = [self._group_flags(g) for g in self.param_groups]
         new_params = list(params)
         op = self._op
@@ -317,7 +317,7 @@ class FlatOptimizer(DifferentiableOptimizer):
                         # When only this optimiser holds the state (made by its last such
                         # step, no view or other reference since), update it in place.
                         in_place = k in flat.private and not flat.keep_buffers and all(
-                            map(_sole_reference, state_in))
+                            map(is_sole_holder, state_in))
                         views, state_out = shift_step(op, b, base, views_in, grads_in, state_in,
                                                       hyper_in, segments, flag_tensor, in_place,
                                                       elementwise=kernel_elementwise)
@@ -425,16 +425,3 @@ def _kernel_elementwise(elementwise: dict[str, Tensor]) -> tuple[Tensor, ...]:
         return ()
     empty = next(iter(elementwise.values())).new_empty(0)
     return tuple(elementwise.get(name, empty) for name in ELEMENTWISE_HYPER)
-
-
-def _sole_reference(t: Tensor) -> bool:
-    """Whether ``t`` is the only tensor on its memory (no view of it, no detached or other
-    alias: the storage is held once by ``t`` and once by the probe itself) and is not a
-    view itself. A saved reference to ``t`` itself is not seen here: the caller rules
-    those out (see :attr:`FlatState.private`)."""
-    if t.numel() == 0:
-        return True
-    use_count = getattr(torch._C, "_storage_Use_Count", None)
-    if use_count is None:  # a torch without the probe: never in place
-        return False
-    return t._base is None and use_count(t.untyped_storage()._cdata) == 2

@@ -69,6 +69,14 @@ class _ReferenceFlatOptimizer(FlatOptimizer):
 
     _op_name = "step"
 
+    #: torch.optim's default of each hyperparameter a group may omit (``lr`` has none).
+    _hyper_defaults: dict[str, float] = {}
+
+    def _group_hyper(self, group: dict[str, Any]) -> dict[str, Any]:
+        """The group's value of each of ``_hyper_names``, or torch.optim's default."""
+        return {name: group.get(name, self._hyper_defaults[name])
+                if name in self._hyper_defaults else group[name] for name in self._hyper_names}
+
     def _group_flags(self, group: dict[str, Any]) -> int:
         return int(UnfusedFlag.MAXIMIZE) if group.get("maximize", False) else 0
 
@@ -107,13 +115,7 @@ class DifferentiableAdagrad(_ReferenceFlatOptimizer):
     _hyper_names = ("lr", "lr_decay", "weight_decay", "eps")
     _op_name = "adagrad_step"
 
-    def _group_hyper(self, group: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "lr": group["lr"],
-            "lr_decay": group.get("lr_decay", 0.0),
-            "weight_decay": group.get("weight_decay", 0.0),
-            "eps": group.get("eps", 1e-10),
-        }
+    _hyper_defaults = {"lr_decay": 0.0, "weight_decay": 0.0, "eps": 1e-10}
 
     def _default_state(self, name: str, group: dict[str, Any], shape: torch.Size,
                        b: Any) -> Tensor | None:
@@ -152,13 +154,7 @@ class DifferentiableAdadelta(_ReferenceFlatOptimizer):
     _hyper_names = ("lr", "rho", "eps", "weight_decay")
     _op_name = "adadelta_step"
 
-    def _group_hyper(self, group: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "lr": group["lr"],
-            "rho": group.get("rho", 0.9),
-            "eps": group.get("eps", 1e-6),
-            "weight_decay": group.get("weight_decay", 0.0),
-        }
+    _hyper_defaults = {"rho": 0.9, "eps": 1e-6, "weight_decay": 0.0}
 
     def _math(self, p, g, state, layout, segments, hyper, flags, ct):
         act = layout.active
@@ -250,14 +246,7 @@ class DifferentiableASGD(_ReferenceFlatOptimizer):
     _hyper_names = ("lr", "lambd", "alpha", "t0", "weight_decay")
     _op_name = "asgd_step"
 
-    def _group_hyper(self, group: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "lr": group["lr"],
-            "lambd": group.get("lambd", 1e-4),
-            "alpha": group.get("alpha", 0.75),
-            "t0": group.get("t0", 1e6),
-            "weight_decay": group.get("weight_decay", 0.0),
-        }
+    _hyper_defaults = {"lambd": 1e-4, "alpha": 0.75, "t0": 1e6, "weight_decay": 0.0}
 
     def _math(self, p, g, state, layout, segments, hyper, flags, ct):
         act = layout.active
@@ -307,14 +296,7 @@ class DifferentiableRMSprop(_ReferenceFlatOptimizer):
     _hyper_names = ("lr", "alpha", "eps", "weight_decay", "momentum")
     _op_name = "rmsprop_step"
 
-    def _group_hyper(self, group: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "lr": group["lr"],
-            "alpha": group.get("alpha", 0.99),
-            "eps": group.get("eps", 1e-8),
-            "weight_decay": group.get("weight_decay", 0.0),
-            "momentum": group.get("momentum", 0.0),
-        }
+    _hyper_defaults = {"alpha": 0.99, "eps": 1e-8, "weight_decay": 0.0, "momentum": 0.0}
 
     def _group_flags(self, group: dict[str, Any]) -> int:
         flags = super()._group_flags(group)

@@ -112,25 +112,13 @@ def _adam_forward_math(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, layou
                 has_lr_e=has_lr_e, has_wd_e=has_wd_e)
 
 
-def adam_step(
-    params: Tensor,
-    grads: Tensor,
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
-    max_exp_avg_sq: Tensor,
-    segments: Tensor,
-    lr: Tensor,
-    beta1: Tensor,
-    beta2: Tensor,
-    eps: Tensor,
-    weight_decay: Tensor,
-    group_flags: Tensor,
-    lr_elementwise: Tensor | None = None,
-    weight_decay_elementwise: Tensor | None = None,
-    *,
-    elementwise: Mapping[str, Tensor] | None = None,
-    check: bool = True,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def adam_step(params: Tensor, grads: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
+              max_exp_avg_sq: Tensor, segments: Tensor, lr: Tensor, beta1: Tensor,
+              beta2: Tensor, eps: Tensor, weight_decay: Tensor, group_flags: Tensor,
+              lr_elementwise: Tensor | None = None,
+              weight_decay_elementwise: Tensor | None = None, *,
+              elementwise: Mapping[str, Tensor] | None = None,
+              check: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     r"""One Adam / AdamW step over a flat bucket, as ``torch.optim.Adam(W)``.
 
     For each active segment, with :math:`t` its step count after this update:
@@ -173,29 +161,14 @@ def adam_step(
     return p_new.to(dt), m_out.to(dt), v_out.to(dt), vmax_out
 
 
-def adam_step_backward(
-    grad_params_out: Tensor,
-    grad_exp_avg_out: Tensor,
-    grad_exp_avg_sq_out: Tensor,
-    grad_max_exp_avg_sq_out: Tensor,
-    params: Tensor,
-    grads: Tensor,
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
-    max_exp_avg_sq: Tensor,
-    segments: Tensor,
-    lr: Tensor,
-    beta1: Tensor,
-    beta2: Tensor,
-    eps: Tensor,
-    weight_decay: Tensor,
-    group_flags: Tensor,
-    hyper_grad_mask: int = 127,
-    lr_elementwise: Tensor | None = None,
-    weight_decay_elementwise: Tensor | None = None,
-    *,
-    check: bool = True,
-) -> tuple[Tensor, ...]:
+def adam_step_backward(grad_params_out: Tensor, grad_exp_avg_out: Tensor,
+                       grad_exp_avg_sq_out: Tensor, grad_max_exp_avg_sq_out: Tensor,
+                       params: Tensor, grads: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
+                       max_exp_avg_sq: Tensor, segments: Tensor, lr: Tensor, beta1: Tensor,
+                       beta2: Tensor, eps: Tensor, weight_decay: Tensor, group_flags: Tensor,
+                       hyper_grad_mask: int = 127, lr_elementwise: Tensor | None = None,
+                       weight_decay_elementwise: Tensor | None = None, *,
+                       check: bool = True) -> tuple[Tensor, ...]:
     r"""Vector-Jacobian product of :func:`adam_step` (formulas in ``docs/ops.md``).
 
     :math:`\partial\sqrt{u}/\partial u` is taken as 0 where :math:`u = 0`, as higher does.

@@ -53,22 +53,12 @@ def _sgd_forward_math(params, grads, momentum_buffer, layout, lr, momentum, damp
                 has_buf=has_buf, has_lr_e=has_lr_e, has_wd_e=has_wd_e)
 
 
-def sgd_step(
-    params: Tensor,
-    grads: Tensor,
-    momentum_buffer: Tensor,
-    segments: Tensor,
-    lr: Tensor,
-    momentum: Tensor,
-    dampening: Tensor,
-    weight_decay: Tensor,
-    group_flags: Tensor,
-    lr_elementwise: Tensor | None = None,
-    weight_decay_elementwise: Tensor | None = None,
-    *,
-    elementwise: Mapping[str, Tensor] | None = None,
-    check: bool = True,
-) -> tuple[Tensor, Tensor]:
+def sgd_step(params: Tensor, grads: Tensor, momentum_buffer: Tensor, segments: Tensor,
+             lr: Tensor, momentum: Tensor, dampening: Tensor, weight_decay: Tensor,
+             group_flags: Tensor, lr_elementwise: Tensor | None = None,
+             weight_decay_elementwise: Tensor | None = None, *,
+             elementwise: Mapping[str, Tensor] | None = None,
+             check: bool = True) -> tuple[Tensor, Tensor]:
     r"""One SGD step over a flat bucket, as ``torch.optim.SGD`` (rounded as higher's
     per-tensor ops).
 
@@ -101,24 +91,13 @@ def sgd_step(
     return p_new.to(params.dtype), b_out
 
 
-def sgd_step_backward(
-    grad_params_out: Tensor,
-    grad_momentum_buffer_out: Tensor,
-    params: Tensor,
-    grads: Tensor,
-    momentum_buffer: Tensor,
-    segments: Tensor,
-    lr: Tensor,
-    momentum: Tensor,
-    dampening: Tensor,
-    weight_decay: Tensor,
-    group_flags: Tensor,
-    hyper_grad_mask: int = 63,
-    lr_elementwise: Tensor | None = None,
-    weight_decay_elementwise: Tensor | None = None,
-    *,
-    check: bool = True,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def sgd_step_backward(grad_params_out: Tensor, grad_momentum_buffer_out: Tensor,
+                      params: Tensor, grads: Tensor, momentum_buffer: Tensor,
+                      segments: Tensor, lr: Tensor, momentum: Tensor, dampening: Tensor,
+                      weight_decay: Tensor, group_flags: Tensor, hyper_grad_mask: int = 63,
+                      lr_elementwise: Tensor | None = None,
+                      weight_decay_elementwise: Tensor | None = None, *, check: bool = True
+                      ) -> tuple[Tensor, ...]:
     r"""Vector-Jacobian product of :func:`sgd_step` (formulas in ``docs/ops.md``).
 
     Returns ``(grad_params, grad_grads, grad_momentum_buffer, grad_lr, grad_momentum,
