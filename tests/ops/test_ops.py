@@ -313,7 +313,7 @@ def test_reference_uniform_table_equals_the_expanded_layout(
     mask = (1 << len(HYPER[op])) - 1
     results = []
     for concrete in (True, False):
-        monkeypatch.setattr(reference, "_concrete", lambda t, c=concrete: c)
+        monkeypatch.setattr(reference._layout, "_concrete", lambda t, c=concrete: c)
         outs = forward(*args_of(op, case))
         grads = backward(*upstream[:n_out], *args_of(op, case), mask)
         results.append([*outs, *grads])

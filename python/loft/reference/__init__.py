@@ -29,7 +29,6 @@ from loft._contract import AdamFlag, SGDFlag, compute_dtype
 
 from ._layout import (
     Layout,
-    _concrete,  # noqa: F401  # patched here by tests/test_ops.py
     layout,
 )
 from .adam import ADAM_ELEMENTWISE, adam_step, adam_step_backward

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import operator
-import sys
 from collections.abc import Mapping
 from typing import NamedTuple
 
@@ -79,9 +78,7 @@ def layout(op: str, params: Tensor, segments: Tensor, group_flags: Tensor,
         raise RuntimeError(f"{op}: segments must tile the {n} elements of params in order")
     seg_t = (steps + 1).to(torch.float64)
     rest = SegmentColumn.GROUP  # group, step, active: the columns that must agree
-    # _concrete looked up on the package, where tests/test_ops.py patches it.
-    concrete = sys.modules[__package__]._concrete
-    if broadcast and segments.size(0) > 0 and concrete(segments) and bool(
+    if broadcast and segments.size(0) > 0 and _concrete(segments) and bool(
             (segments[:, rest:] == segments[:1, rest:]).all()):
         # The usual step (one group, every tensor active, one step count): one value
         # for all elements instead of [N] expansions (the fallback's main cost).
