@@ -1,6 +1,7 @@
 // Torch-free pieces shared by the math headers and every backend: the host/device
-// macro, the layout of a segment-table row, the group_flags bits, and small scalar
-// helpers. See docs/ops.md for the contract these constants encode.
+// macro, the layout of a segment-table row, the group_flags bits, the order of each op's
+// [G] hyperparameters, and small scalar helpers. See docs/ops.md for the contract these
+// constants encode.
 #pragma once
 
 #include <math.h>
@@ -47,6 +48,24 @@ constexpr int64_t kAdamMaximize = 1;
 constexpr int64_t kAdamAmsgrad = 2;
 constexpr int64_t kAdamDecoupled = 4;
 constexpr int64_t kAdamAllFlags = kAdamMaximize | kAdamAmsgrad | kAdamDecoupled;
+
+// The [G] hyperparameters of each op in the order of its schema: index k is also bit k of
+// the backward's hyper_grad_mask and its k-th hyperparameter gradient; the gradients of
+// lr_elementwise and weight_decay_elementwise are bits kNumHyper and kNumHyper + 1.
+constexpr int kSgdHyperLr = 0;
+constexpr int kSgdHyperMomentum = 1;
+constexpr int kSgdHyperDampening = 2;
+constexpr int kSgdHyperWeightDecay = 3;
+constexpr int kSgdNumHyper = 4;
+
+constexpr int kAdamHyperLr = 0;
+constexpr int kAdamHyperBeta1 = 1;
+constexpr int kAdamHyperBeta2 = 2;
+constexpr int kAdamHyperEps = 3;
+constexpr int kAdamHyperWeightDecay = 4;
+constexpr int kAdamNumHyper = 5;
+
+constexpr int kMaxHyper = kAdamNumHyper > kSgdNumHyper ? kAdamNumHyper : kSgdNumHyper;
 
 // Square roots without overload ambiguity on host and device.
 LOFT_HOST_DEVICE LOFT_INLINE float loft_sqrt(float x) { return ::sqrtf(x); }

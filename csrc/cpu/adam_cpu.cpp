@@ -19,10 +19,6 @@ namespace loft {
 namespace cpu {
 namespace {
 
-constexpr int kAdamNumHyper = 5;  // lr, beta1, beta2, eps, weight_decay (mask bits 1..16)
-constexpr int kAdamLr = 0;        // the mask bit of lr (hyperparameter 0)
-constexpr int kAdamWeightDecay = 4;
-
 /// Checks every argument of adam_step (and the shared ones of its backward) before any
 /// buffer memory is read; returns the validated segment table.
 Segments check_adam_args(const char* op, const at::Tensor& params, const at::Tensor& grads,
@@ -239,16 +235,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> adam_step_cpu(
             return;
           }
           if (!amsgrad && has_max) copy_elements(vmax_out + o, vmax + o, len);
-          with_bool(amsgrad, [&](auto kAmsgrad) {
-            with_bool((f & kAdamDecoupled) != 0, [&](auto kDecoupled) {
-              with_elementwise(has_lr_e, has_wd_e, [&](auto kLr, auto kWd) {
-                adam_forward_chunk<decltype(kAmsgrad)::value, decltype(kDecoupled)::value,
-                                   decltype(kLr)::value, decltype(kWd)::value>(
-                    len, p + o, g + o, m + o, v + o, kAmsgrad ? vmax + o : nullptr,
-                    kLr ? elem.lr + o : nullptr, kWd ? elem.weight_decay + o : nullptr, p_out + o,
-                    m_out + o, v_out + o, kAmsgrad ? vmax_out + o : nullptr, scalars[s],
-                    bases.empty() ? no_basis : bases[s]);
-              });
+          with_adam_mode(f, [&](auto kAmsgrad, auto kDecoupled) {
+            with_elementwise(has_lr_e, has_wd_e, [&](auto kLr, auto kWd) {
+              adam_forward_chunk<decltype(kAmsgrad)::value, decltype(kDecoupled)::value,
+                                 decltype(kLr)::value, decltype(kWd)::value>(
+                  len, p + o, g + o, m + o, v + o, kAmsgrad ? vmax + o : nullptr,
+                  kLr ? elem.lr + o : nullptr, kWd ? elem.weight_decay + o : nullptr, p_out + o,
+                  m_out + o, v_out + o, kAmsgrad ? vmax_out + o : nullptr, scalars[s],
+                  bases.empty() ? no_basis : bases[s]);
             });
           });
         });
@@ -321,15 +315,13 @@ at::Tensor adam_step_inplace_cpu(const at::Tensor& params, const at::Tensor& gra
             copy_elements(p_out + o, p + o, len);
             return;
           }
-          with_bool((f & kAdamAmsgrad) != 0, [&](auto kAmsgrad) {
-            with_bool((f & kAdamDecoupled) != 0, [&](auto kDecoupled) {
-              with_elementwise(has_lr_e, has_wd_e, [&](auto kLr, auto kWd) {
-                adam_forward_chunk_inplace<decltype(kAmsgrad)::value, decltype(kDecoupled)::value,
-                                           decltype(kLr)::value, decltype(kWd)::value>(
-                    len, p + o, g + o, m + o, v + o, kAmsgrad ? vmax + o : nullptr,
-                    kLr ? elem.lr + o : nullptr, kWd ? elem.weight_decay + o : nullptr, p_out + o,
-                    scalars[s], bases.empty() ? no_basis : bases[s]);
-              });
+          with_adam_mode(f, [&](auto kAmsgrad, auto kDecoupled) {
+            with_elementwise(has_lr_e, has_wd_e, [&](auto kLr, auto kWd) {
+              adam_forward_chunk_inplace<decltype(kAmsgrad)::value, decltype(kDecoupled)::value,
+                                         decltype(kLr)::value, decltype(kWd)::value>(
+                  len, p + o, g + o, m + o, v + o, kAmsgrad ? vmax + o : nullptr,
+                  kLr ? elem.lr + o : nullptr, kWd ? elem.weight_decay + o : nullptr, p_out + o,
+                  scalars[s], bases.empty() ? no_basis : bases[s]);
             });
           });
         });
@@ -366,8 +358,8 @@ adam_step_backward_cpu(const at::Tensor& grad_params_out, const at::Tensor& grad
   // tensor then gets a zero gradient, the per-element one (bits kAdamNumHyper + 0, + 1)
   // its gradient element by element.
   int64_t mask = hyper_grad_mask & ((1 << kAdamNumHyper) - 1);
-  if (has_lr_e) mask &= ~(int64_t{1} << kAdamLr);
-  if (has_wd_e) mask &= ~(int64_t{1} << kAdamWeightDecay);
+  if (has_lr_e) mask &= ~(int64_t{1} << kAdamHyperLr);
+  if (has_wd_e) mask &= ~(int64_t{1} << kAdamHyperWeightDecay);
   at::Tensor grad_params = at::empty({n}, params.options());
   at::Tensor grad_grads = at::empty({n}, params.options());
   at::Tensor grad_exp_avg = at::empty({n}, params.options());
@@ -440,21 +432,19 @@ adam_step_backward_cpu(const at::Tensor& grad_params_out, const at::Tensor& grad
             }
             if (!amsgrad && has_max) copy_elements(gx + o, X_o, len);
             double* partial = mask ? partials.data() + c * kAdamNumHyper : nullptr;
-            with_bool(amsgrad, [&](auto kAmsgrad) {
-              with_bool((f & kAdamDecoupled) != 0, [&](auto kDecoupled) {
-                with_elementwise(has_lr_e, has_wd_e, [&](auto kLr, auto kWd) {
-                  constexpr bool kElementwise = decltype(kLr)::value || decltype(kWd)::value;
-                  with_hyper_terms<kElementwise>(mask != 0, [&](auto kHyper) {
-                    adam_backward_chunk<decltype(kAmsgrad)::value, decltype(kDecoupled)::value,
-                                        decltype(kHyper)::value, decltype(kLr)::value,
-                                        decltype(kWd)::value>(
-                        len, P_o, M_o, V_o, X_o, p + o, g + o, m + o, v + o,
-                        kAmsgrad ? vmax + o : nullptr, kLr ? elem.lr + o : nullptr,
-                        kWd ? elem.weight_decay + o : nullptr, gp + o, gg + o, gm + o, gv + o,
-                        kAmsgrad ? gx + o : nullptr, glr != nullptr ? glr + o : nullptr,
-                        gwd != nullptr ? gwd + o : nullptr, scalars[s],
-                        bases.empty() ? no_basis : bases[s], partial);
-                  });
+            with_adam_mode(f, [&](auto kAmsgrad, auto kDecoupled) {
+              with_elementwise(has_lr_e, has_wd_e, [&](auto kLr, auto kWd) {
+                constexpr bool kElementwise = decltype(kLr)::value || decltype(kWd)::value;
+                with_hyper_terms<kElementwise>(mask != 0, [&](auto kHyper) {
+                  adam_backward_chunk<decltype(kAmsgrad)::value, decltype(kDecoupled)::value,
+                                      decltype(kHyper)::value, decltype(kLr)::value,
+                                      decltype(kWd)::value>(
+                      len, P_o, M_o, V_o, X_o, p + o, g + o, m + o, v + o,
+                      kAmsgrad ? vmax + o : nullptr, kLr ? elem.lr + o : nullptr,
+                      kWd ? elem.weight_decay + o : nullptr, gp + o, gg + o, gm + o, gv + o,
+                      kAmsgrad ? gx + o : nullptr, glr != nullptr ? glr + o : nullptr,
+                      gwd != nullptr ? gwd + o : nullptr, scalars[s],
+                      bases.empty() ? no_basis : bases[s], partial);
                 });
               });
             });

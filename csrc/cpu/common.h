@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "../dispatch.h"
 #include "../segments.h"
 
 namespace loft {
@@ -33,12 +34,6 @@ constexpr int64_t kGrainChunks = 8;
 /// one block are kept on the stack, then added into kLanes running sums).
 constexpr int64_t kBlock = 256;
 constexpr int kLanes = 8;
-
-/// The compute type of buffers of scalar_t, which is also the dtype of their
-/// hyperparameter tensors: double for double, float for float, half and bfloat16 (the
-/// same as at::opmath_type, which ATen/ATen.h does not bring in).
-template <typename scalar_t>
-using compute_t = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
 
 struct Chunk {
   int64_t begin;    // first element
@@ -151,16 +146,6 @@ inline std::vector<at::Tensor> reduce_hyper_grads(const std::vector<double>& par
     out.push_back(acc.to(like.scalar_type()));
   }
   return out;
-}
-
-/// Calls f(std::bool_constant<b>{}) with the run-time bool b as a compile-time constant.
-template <typename F>
-inline void with_bool(bool b, const F& f) {
-  if (b) {
-    f(std::true_type{});
-  } else {
-    f(std::false_type{});
-  }
 }
 
 /// A [G] hyperparameter tensor (float64, or float32 for non-float64 params: checks.h)

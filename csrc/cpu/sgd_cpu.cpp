@@ -17,10 +17,6 @@ namespace loft {
 namespace cpu {
 namespace {
 
-constexpr int kSgdNumHyper = 4;  // lr, momentum, dampening, weight_decay (mask bits 1..8)
-constexpr int kSgdLr = 0;        // the mask bit of lr (hyperparameter 0)
-constexpr int kSgdWeightDecay = 3;
-
 /// Checks every argument of sgd_step (and the shared ones of its backward) before any
 /// buffer memory is read; returns the validated segment table.
 Segments check_sgd_args(const char* op, const at::Tensor& params, const at::Tensor& grads,
@@ -57,19 +53,6 @@ std::vector<SgdScalars<T>> sgd_scalars(const Segments& seg, const at::Tensor& lr
     out[s] = sgd_segment_scalars(lr_[g], mom_[g], damp_[g], wd_[g], flags[g]).template cast<T>();
   }
   return out;
-}
-
-/// Calls f(kMomentum, kFirst, kNesterov) as compile-time bools (first and nesterov only
-/// matter with momentum, so the plain case is a single specialisation).
-template <typename F>
-void with_sgd_mode(bool use_momentum, bool first, bool nesterov, const F& f) {
-  if (!use_momentum) {
-    f(std::false_type{}, std::false_type{}, std::false_type{});
-    return;
-  }
-  with_bool(first, [&](auto kFirst) {
-    with_bool(nesterov, [&](auto kNesterov) { f(std::true_type{}, kFirst, kNesterov); });
-  });
 }
 
 /// Forward over one chunk of an active segment. The buffer is read only when the update
@@ -189,17 +172,16 @@ std::tuple<at::Tensor, at::Tensor> sgd_step_cpu(
             return;
           }
           if (!use_momentum && has_buffer) copy_elements(b_out + o, b + o, len);
-          with_sgd_mode(use_momentum, seg.step(s) == 0, (f & kSgdNesterov) != 0,
-                        [&](auto kMomentum, auto kFirst, auto kNesterov) {
-                          with_elementwise(has_lr_e, has_wd_e, [&](auto kLr, auto kWd) {
-                            sgd_forward_chunk<decltype(kMomentum)::value, decltype(kFirst)::value,
-                                              decltype(kNesterov)::value, decltype(kLr)::value,
-                                              decltype(kWd)::value>(
-                                len, p + o, g + o, kMomentum ? b + o : nullptr,
-                                kLr ? elem.lr + o : nullptr, kWd ? elem.weight_decay + o : nullptr,
-                                p_out + o, kMomentum ? b_out + o : nullptr, scalars[s]);
-                          });
-                        });
+          with_sgd_mode(f, seg.step(s), [&](auto kMomentum, auto kFirst, auto kNesterov) {
+            with_elementwise(has_lr_e, has_wd_e, [&](auto kLr, auto kWd) {
+              sgd_forward_chunk<decltype(kMomentum)::value, decltype(kFirst)::value,
+                                decltype(kNesterov)::value, decltype(kLr)::value,
+                                decltype(kWd)::value>(
+                  len, p + o, g + o, kMomentum ? b + o : nullptr, kLr ? elem.lr + o : nullptr,
+                  kWd ? elem.weight_decay + o : nullptr, p_out + o, kMomentum ? b_out + o : nullptr,
+                  scalars[s]);
+            });
+          });
         });
       });
   return {params_out, buffer_out};
@@ -229,8 +211,8 @@ sgd_step_backward_cpu(const at::Tensor& grad_params_out, const at::Tensor& grad_
   // tensor then gets a zero gradient, and the per-element one (bits kSgdNumHyper + 0, + 1)
   // its gradient element by element.
   int64_t mask = hyper_grad_mask & ((1 << kSgdNumHyper) - 1);
-  if (has_lr_e) mask &= ~(int64_t{1} << kSgdLr);
-  if (has_wd_e) mask &= ~(int64_t{1} << kSgdWeightDecay);
+  if (has_lr_e) mask &= ~(int64_t{1} << kSgdHyperLr);
+  if (has_wd_e) mask &= ~(int64_t{1} << kSgdHyperWeightDecay);
   at::Tensor grad_params = at::empty({n}, params.options());
   at::Tensor grad_grads = at::empty({n}, params.options());
   at::Tensor grad_buffer = at::empty({momentum_buffer.numel()}, params.options());
@@ -284,23 +266,20 @@ sgd_step_backward_cpu(const at::Tensor& grad_params_out, const at::Tensor& grad_
             }
             if (!use_momentum && has_buffer) copy_elements(gb + o, B_o, len);
             double* partial = mask ? partials.data() + c * kSgdNumHyper : nullptr;
-            with_sgd_mode(
-                use_momentum, seg.step(s) == 0, (f & kSgdNesterov) != 0,
-                [&](auto kMomentum, auto kFirst, auto kNesterov) {
-                  with_elementwise(has_lr_e, has_wd_e, [&](auto kLr, auto kWd) {
-                    constexpr bool kElementwise = decltype(kLr)::value || decltype(kWd)::value;
-                    with_hyper_terms<kElementwise>(mask != 0, [&](auto kHyper) {
-                      sgd_backward_chunk<decltype(kMomentum)::value, decltype(kFirst)::value,
-                                         decltype(kNesterov)::value, decltype(kHyper)::value,
-                                         decltype(kLr)::value, decltype(kWd)::value>(
-                          len, P_o, B_o, p + o, g + o, kMomentum ? b + o : nullptr,
-                          kLr ? elem.lr + o : nullptr, kWd ? elem.weight_decay + o : nullptr,
-                          gp + o, gg + o, kMomentum ? gb + o : nullptr,
-                          glr != nullptr ? glr + o : nullptr, gwd != nullptr ? gwd + o : nullptr,
-                          scalars[s], partial);
-                    });
-                  });
+            with_sgd_mode(f, seg.step(s), [&](auto kMomentum, auto kFirst, auto kNesterov) {
+              with_elementwise(has_lr_e, has_wd_e, [&](auto kLr, auto kWd) {
+                constexpr bool kElementwise = decltype(kLr)::value || decltype(kWd)::value;
+                with_hyper_terms<kElementwise>(mask != 0, [&](auto kHyper) {
+                  sgd_backward_chunk<decltype(kMomentum)::value, decltype(kFirst)::value,
+                                     decltype(kNesterov)::value, decltype(kHyper)::value,
+                                     decltype(kLr)::value, decltype(kWd)::value>(
+                      len, P_o, B_o, p + o, g + o, kMomentum ? b + o : nullptr,
+                      kLr ? elem.lr + o : nullptr, kWd ? elem.weight_decay + o : nullptr, gp + o,
+                      gg + o, kMomentum ? gb + o : nullptr, glr != nullptr ? glr + o : nullptr,
+                      gwd != nullptr ? gwd + o : nullptr, scalars[s], partial);
                 });
+              });
+            });
           });
         });
   }

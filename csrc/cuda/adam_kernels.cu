@@ -169,11 +169,9 @@ __global__ void __launch_bounds__(kThreads) adam_step_kernel(const ForwardArgs<S
         const AdamSegment<T> scalars =
             block_scalars(slot, slot_segment, s, [&] { return a.hyper.segment(group, step); });
         const int64_t f = a.hyper.flags[group];
-        with_bool((f & kAdamAmsgrad) != 0, [&](auto kAmsgrad) {
-          with_bool((f & kAdamDecoupled) != 0, [&](auto kDecoupled) {
-            forward_range<decltype(kAmsgrad)::value, decltype(kDecoupled)::value, kElementwise>(
-                a, lo, hi, vector, scalars);
-          });
+        with_adam_mode(f, [&](auto kAmsgrad, auto kDecoupled) {
+          forward_range<decltype(kAmsgrad)::value, decltype(kDecoupled)::value, kElementwise>(
+              a, lo, hi, vector, scalars);
         });
       });
 }
@@ -272,11 +270,9 @@ __global__ void __launch_bounds__(kThreads) adam_step_backward_kernel(const Back
             block_scalars(slot, slot_segment, s, [&] { return a.hyper.segment(group, step); });
         const int64_t f = a.hyper.flags[group];
         T acc[kAdamNumHyper] = {};
-        with_bool((f & kAdamAmsgrad) != 0, [&](auto kAmsgrad) {
-          with_bool((f & kAdamDecoupled) != 0, [&](auto kDecoupled) {
-            backward_range<decltype(kAmsgrad)::value, decltype(kDecoupled)::value, kElementwise>(
-                a, lo, hi, vector, scalars, acc);
-          });
+        with_adam_mode(f, [&](auto kAmsgrad, auto kDecoupled) {
+          backward_range<decltype(kAmsgrad)::value, decltype(kDecoupled)::value, kElementwise>(
+              a, lo, hi, vector, scalars, acc);
         });
         if (a.mask != 0) {
           double sums[kAdamNumHyper];
@@ -309,12 +305,11 @@ void launch_adam_step(DType dtype, const DeviceSegments& segments, const AdamHyp
                               static_cast<S*>(buffers.exp_avg_sq_out),
                               static_cast<S*>(buffers.max_exp_avg_sq_out),
                               buffers.aligned};
-    dispatch_elementwise(
-        hyper.lr_elementwise != nullptr || hyper.weight_decay_elementwise != nullptr,
-        [&](auto kElementwise) {
-          adam_step_kernel<S, decltype(kElementwise)::value>
-              <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(args);
-        });
+    with_bool(hyper.lr_elementwise != nullptr || hyper.weight_decay_elementwise != nullptr,
+              [&](auto kElementwise) {
+                adam_step_kernel<S, decltype(kElementwise)::value>
+                    <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(args);
+              });
   });
 }
 
@@ -349,12 +344,11 @@ void launch_adam_step_backward(DType dtype, const DeviceSegments& segments, cons
                                groups,
                                partials,
                                buffers.aligned};
-    dispatch_elementwise(
-        hyper.lr_elementwise != nullptr || hyper.weight_decay_elementwise != nullptr,
-        [&](auto kElementwise) {
-          adam_step_backward_kernel<S, decltype(kElementwise)::value>
-              <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(args);
-        });
+    with_bool(hyper.lr_elementwise != nullptr || hyper.weight_decay_elementwise != nullptr,
+              [&](auto kElementwise) {
+                adam_step_backward_kernel<S, decltype(kElementwise)::value>
+                    <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(args);
+              });
   });
 }
 

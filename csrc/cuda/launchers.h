@@ -21,6 +21,8 @@
 
 #include <cstdint>
 
+#include "../segments.h"
+
 namespace loft {
 namespace cuda {
 
@@ -32,12 +34,6 @@ constexpr int64_t kTile = kThreads * 8;
 /// The grid never exceeds this many blocks (a fixed number, not one derived from the
 /// device, so that the partial sums, and so the results, do not depend on the GPU).
 constexpr int64_t kMaxBlocks = 2048;
-/// Hyperparameters of sgd_step (lr, momentum, dampening, weight_decay) and of adam_step
-/// (lr, beta1, beta2, eps, weight_decay); the largest is the partials' stride.
-constexpr int kSgdNumHyper = 4;
-constexpr int kAdamNumHyper = 5;
-constexpr int kMaxHyper = 5;
-
 /// The dtype of the buffers. Hyperparameters are double for kFloat64, float otherwise.
 enum class DType : int { kFloat64 = 0, kFloat32 = 1, kFloat16 = 2, kBFloat16 = 3 };
 
@@ -152,7 +148,8 @@ struct AdamBackwardBuffers {
   bool aligned;
 };
 
-/// The [groups] hyperparameter gradients (double when the hyperparameters are, else float).
+/// The [groups] hyperparameter gradients (double when the hyperparameters are, else float;
+/// kMaxHyper: csrc/segments.h).
 struct HyperGradOutputs {
   void* out[kMaxHyper];
 };

@@ -304,8 +304,8 @@ sgd_step_backward_cuda(const at::Tensor& grad_params_out,
       check_elementwise_inputs(op, lr_elementwise, weight_decay_elementwise, params);
   const int64_t n = params.numel();
   const int64_t groups = group_flags.numel();
-  const int64_t mask = group_hyper_mask(hyper_grad_mask, kSgdNumHyper, elementwise,
-                                        /*lr_bit=*/0, /*wd_bit=*/3);
+  const int64_t mask = group_hyper_mask(hyper_grad_mask, kSgdNumHyper, elementwise, kSgdHyperLr,
+                                        kSgdHyperWeightDecay);
   auto [grad_lr_e, grad_wd_e] =
       elementwise_grads(hyper_grad_mask, kSgdNumHyper, elementwise, params);
   const bool has_buffer = momentum_buffer.numel() > 0;
@@ -409,8 +409,8 @@ adam_step_backward_cuda(const at::Tensor& grad_params_out, const at::Tensor& gra
       check_elementwise_inputs(op, lr_elementwise, weight_decay_elementwise, params);
   const int64_t n = params.numel();
   const int64_t groups = group_flags.numel();
-  const int64_t mask = group_hyper_mask(hyper_grad_mask, kAdamNumHyper, elementwise,
-                                        /*lr_bit=*/0, /*wd_bit=*/4);
+  const int64_t mask = group_hyper_mask(hyper_grad_mask, kAdamNumHyper, elementwise, kAdamHyperLr,
+                                        kAdamHyperWeightDecay);
   auto [grad_lr_e, grad_wd_e] =
       elementwise_grads(hyper_grad_mask, kAdamNumHyper, elementwise, params);
   const bool has_max = max_exp_avg_sq.numel() > 0;

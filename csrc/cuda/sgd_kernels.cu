@@ -73,20 +73,6 @@ struct BackwardArgs {
   bool aligned;
 };
 
-/// Calls f(kMomentum, kFirst, kNesterov) as compile-time bools (first and nesterov only
-/// matter with momentum, so the plain case is a single specialisation).
-template <typename F>
-__device__ __forceinline__ void with_sgd_mode(bool use_momentum, bool first, bool nesterov,
-                                              const F& f) {
-  if (!use_momentum) {
-    f(std::false_type{}, std::false_type{}, std::false_type{});
-    return;
-  }
-  with_bool(first, [&](auto kFirst) {
-    with_bool(nesterov, [&](auto kNesterov) { f(std::true_type{}, kFirst, kNesterov); });
-  });
-}
-
 /// Forward over [lo, hi) of an active segment. The buffer is read when the update uses it
 /// (momentum, not the first step) or copies it through (no momentum). kElementwise: the
 /// kernel variant for calls with lr_elementwise and/or weight_decay_elementwise, whose
@@ -139,11 +125,10 @@ __global__ void __launch_bounds__(kThreads) sgd_step_kernel(const ForwardArgs<S>
         const SgdScalars<T> scalars =
             block_scalars(slot, slot_segment, s, [&] { return a.hyper.scalars(group); });
         const int64_t f = a.hyper.flags[group];
-        with_sgd_mode((f & kSgdMomentum) != 0, row[kSegmentStep] == 0, (f & kSgdNesterov) != 0,
-                      [&](auto kM, auto kF, auto kN) {
-                        forward_range<decltype(kM)::value, decltype(kF)::value, decltype(kN)::value,
-                                      kElementwise>(a, lo, hi, vector, scalars);
-                      });
+        with_sgd_mode(f, row[kSegmentStep], [&](auto kM, auto kF, auto kN) {
+          forward_range<decltype(kM)::value, decltype(kF)::value, decltype(kN)::value,
+                        kElementwise>(a, lo, hi, vector, scalars);
+        });
       });
 }
 
@@ -226,12 +211,10 @@ __global__ void __launch_bounds__(kThreads) sgd_step_backward_kernel(const Backw
             block_scalars(slot, slot_segment, s, [&] { return a.hyper.scalars(group); });
         const int64_t f = a.hyper.flags[group];
         T acc[kSgdNumHyper] = {};
-        with_sgd_mode((f & kSgdMomentum) != 0, row[kSegmentStep] == 0, (f & kSgdNesterov) != 0,
-                      [&](auto kM, auto kF, auto kN) {
-                        backward_range<decltype(kM)::value, decltype(kF)::value,
-                                       decltype(kN)::value, kElementwise>(a, lo, hi, vector,
-                                                                          scalars, acc);
-                      });
+        with_sgd_mode(f, row[kSegmentStep], [&](auto kM, auto kF, auto kN) {
+          backward_range<decltype(kM)::value, decltype(kF)::value, decltype(kN)::value,
+                         kElementwise>(a, lo, hi, vector, scalars, acc);
+        });
         if (a.mask != 0) {
           double sums[kSgdNumHyper];
 #pragma unroll
@@ -259,12 +242,11 @@ void launch_sgd_step(DType dtype, const DeviceSegments& segments, const SgdHyper
                               static_cast<S*>(buffers.params_out),
                               static_cast<S*>(buffers.momentum_buffer_out),
                               buffers.aligned};
-    dispatch_elementwise(
-        hyper.lr_elementwise != nullptr || hyper.weight_decay_elementwise != nullptr,
-        [&](auto kElementwise) {
-          sgd_step_kernel<S, decltype(kElementwise)::value>
-              <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(args);
-        });
+    with_bool(hyper.lr_elementwise != nullptr || hyper.weight_decay_elementwise != nullptr,
+              [&](auto kElementwise) {
+                sgd_step_kernel<S, decltype(kElementwise)::value>
+                    <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(args);
+              });
   });
 }
 
@@ -293,12 +275,11 @@ void launch_sgd_step_backward(DType dtype, const DeviceSegments& segments, const
                                groups,
                                partials,
                                buffers.aligned};
-    dispatch_elementwise(
-        hyper.lr_elementwise != nullptr || hyper.weight_decay_elementwise != nullptr,
-        [&](auto kElementwise) {
-          sgd_step_backward_kernel<S, decltype(kElementwise)::value>
-              <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(args);
-        });
+    with_bool(hyper.lr_elementwise != nullptr || hyper.weight_decay_elementwise != nullptr,
+              [&](auto kElementwise) {
+                sgd_step_backward_kernel<S, decltype(kElementwise)::value>
+                    <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(args);
+              });
   });
 }
 

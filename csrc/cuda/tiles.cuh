@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "../dispatch.h"
 #include "../segments.h"
 #include "launchers.h"
 
@@ -23,43 +24,35 @@ static_assert(kThreads % kWarpSize == 0, "kThreads must be a multiple of the war
 
 // ---- element types --------------------------------------------------------------------
 
-/// Loads (to the compute type) and stores (rounding once, to nearest even) of an element
-/// type S. Half types compute in float32; torch builds with __CUDA_NO_HALF_CONVERSIONS__,
-/// so every conversion is an explicit intrinsic.
+/// Loads (to the compute type, compute_t<S> of csrc/dispatch.h) and stores (rounding once,
+/// to nearest even) of an element type S. Half types compute in float32; torch builds with
+/// __CUDA_NO_HALF_CONVERSIONS__, so every conversion is an explicit intrinsic.
 template <typename S>
 struct Element;
 
 template <>
 struct Element<double> {
-  using compute = double;
   __device__ __forceinline__ static double load(double x) { return x; }
   __device__ __forceinline__ static double store(double x) { return x; }
 };
 
 template <>
 struct Element<float> {
-  using compute = float;
   __device__ __forceinline__ static float load(float x) { return x; }
   __device__ __forceinline__ static float store(float x) { return x; }
 };
 
 template <>
 struct Element<__half> {
-  using compute = float;
   __device__ __forceinline__ static float load(__half x) { return __half2float(x); }
   __device__ __forceinline__ static __half store(float x) { return __float2half_rn(x); }
 };
 
 template <>
 struct Element<__nv_bfloat16> {
-  using compute = float;
   __device__ __forceinline__ static float load(__nv_bfloat16 x) { return __bfloat162float(x); }
   __device__ __forceinline__ static __nv_bfloat16 store(float x) { return __float2bfloat16_rn(x); }
 };
-
-/// The compute type of S, which is also the element type of its hyperparameter tensors.
-template <typename S>
-using compute_t = typename Element<S>::compute;
 
 template <typename S>
 __device__ __forceinline__ compute_t<S> to_compute(S x) {
@@ -288,28 +281,6 @@ __device__ __forceinline__ void zero_block_slice(double* partials, int64_t group
   double* slice = partials + static_cast<int64_t>(blockIdx.x) * size;
   for (int64_t j = threadIdx.x; j < size; j += kThreads) slice[j] = 0.0;
   __syncthreads();
-}
-
-/// Calls f(std::bool_constant<b>{}) with the run-time bool b as a compile-time constant.
-template <typename F>
-__device__ __forceinline__ void with_bool(bool b, const F& f) {
-  if (b) {
-    f(std::true_type{});
-  } else {
-    f(std::false_type{});
-  }
-}
-
-/// Calls f(kElementwise) with whether any per-element hyperparameter is given as a
-/// compile-time bool (a host helper of the launchers): the per-group kernel is its own
-/// specialisation, as fast as without them; one more serves every per-element case.
-template <typename F>
-inline void dispatch_elementwise(bool any, const F& f) {
-  if (any) {
-    f(std::true_type{});
-  } else {
-    f(std::false_type{});
-  }
 }
 
 /// Runs kernel<S> for the element type of `dtype`: f(S{}) with S one of double, float,
