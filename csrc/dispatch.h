@@ -10,12 +10,35 @@
 
 namespace loft {
 
+/// The element type of an op's buffers, as its kernels see it (csrc/kernel_args.h).
+enum class DType : int { kFloat64 = 0, kFloat32 = 1, kFloat16 = 2, kBFloat16 = 3 };
+
 /// The compute type of an element type S, which is also the element type of the
 /// per-element hyperparameters and of the float32 [G] ones: double for double, float for
 /// float, float16 and bfloat16 (at::opmath_type, which ATen/ATen.h does not bring in; the
 /// CUDA kernels' __half and __nv_bfloat16 alike).
 template <typename S>
 using compute_t = std::conditional_t<std::is_same<S, double>::value, double, float>;
+
+/// Calls f(S{}) with S the element type of `dtype`: double, float, or the backend's
+/// 16-bit types Half and BFloat16 (c10::Half on the CPU, __half on CUDA).
+template <typename Half, typename BFloat16, typename F>
+inline void dispatch_dtype(DType dtype, const F& f) {
+  switch (dtype) {
+    case DType::kFloat64:
+      f(double{});
+      break;
+    case DType::kFloat32:
+      f(float{});
+      break;
+    case DType::kFloat16:
+      f(Half{});
+      break;
+    case DType::kBFloat16:
+      f(BFloat16{});
+      break;
+  }
+}
 
 /// Calls f(std::bool_constant<b>{}) with the run-time bool b as a compile-time constant.
 template <typename F>
