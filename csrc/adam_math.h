@@ -7,6 +7,7 @@
 // its inner loop; maximize is the exact sign factor AdamScalars::sign (+1 or -1).
 #pragma once
 
+#include "dispatch.h"
 #include "segments.h"
 
 namespace loft {
@@ -76,12 +77,11 @@ struct AdamScalars {
 
 /// Per-segment Adam scalars in float64 for a segment that had `step` updates before
 /// this one (t = step + 1); with `basis`, also what a per-element lr or weight_decay
-/// needs (adam_set_element_scalars).
-LOFT_HOST_DEVICE inline AdamScalars<double> adam_segment_scalars(double lr, double beta1,
-                                                                 double beta2, double eps,
-                                                                 double weight_decay, int64_t flags,
-                                                                 int64_t step,
-                                                                 AdamBasis* basis = nullptr) {
+/// needs (adam_set_element_scalars). Not inlined: a backend calls it once per segment, and
+/// on CUDA the large libdevice pow is then compiled once rather than into every kernel.
+LOFT_HOST_DEVICE LOFT_NOINLINE inline AdamScalars<double> adam_segment_scalars(
+    double lr, double beta1, double beta2, double eps, double weight_decay, int64_t flags,
+    int64_t step, AdamBasis* basis = nullptr) {
   const int64_t t = step + 1;
   const double beta2_pow_tm1 = loft_pow(beta2, step);  // beta2^(t-1)
   // As torch.optim from Python floats: 1 - beta1 ** t, and bias_correction2 ** 0.5 (pow,
@@ -167,11 +167,14 @@ LOFT_HOST_DEVICE LOFT_INLINE void adam_forward(T p, T g, T m, T v, T vmax, const
 }
 
 /// Gradients of one Adam element: of its inputs (params, grads, exp_avg, exp_avg_sq,
-/// max_exp_avg_sq) and its contributions to the hyperparameter gradients.
+/// max_exp_avg_sq) and its contributions to the hyperparameter gradients, hyper[k] for
+/// hyperparameter k (kAdamHyperLr, kAdamHyperBeta1, kAdamHyperBeta2, kAdamHyperEps,
+/// kAdamHyperWeightDecay).
 template <typename T>
 struct AdamElementGrads {
+  static constexpr int kNumHyper = kAdamNumHyper;
   T params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq;
-  T lr, beta1, beta2, eps, weight_decay;
+  T hyper[kAdamNumHyper];
 };
 
 /// One Adam element, backward (vector-Jacobian product), with P, M, V, X the upstream
@@ -234,12 +237,48 @@ LOFT_HOST_DEVICE LOFT_INLINE AdamElementGrads<T> adam_backward(T P, T M, T V, T 
   r.exp_avg = Mt * s.beta1;
   r.exp_avg_sq = Vt * s.beta2;
   const T lr_adam = -(P * m_over_d) * s.inv_bc1;
-  r.lr = kDecoupled ? lr_adam - P * s.weight_decay * p : lr_adam;
-  r.weight_decay = kDecoupled ? -P * s.lr * p : G2 * p;
-  r.eps = Q;
-  r.beta1 = Mt * (m - g2) - P * m_over_d * s.beta1_coef;
-  r.beta2 = Vt * (v - g2 * g2) + Q * sq * s.beta2_coef;
+  r.hyper[kAdamHyperLr] = kDecoupled ? lr_adam - P * s.weight_decay * p : lr_adam;
+  r.hyper[kAdamHyperWeightDecay] = kDecoupled ? -P * s.lr * p : G2 * p;
+  r.hyper[kAdamHyperEps] = Q;
+  r.hyper[kAdamHyperBeta1] = Mt * (m - g2) - P * m_over_d * s.beta1_coef;
+  r.hyper[kAdamHyperBeta2] = Vt * (v - g2 * g2) + Q * sq * s.beta2_coef;
   return r;
 }
+
+/// One segment's scalars in the compute type T and its float64 basis for per-element lr /
+/// weight_decay.
+template <typename T>
+struct AdamSegment {
+  AdamScalars<T> scalars;
+  AdamBasis basis;
+};
+
+/// Adam as the walks of every backend see it (csrc/cpu/common.h, csrc/cuda/tiles.cuh):
+/// what a backend keeps per segment and how it makes it, and the group flags that select
+/// a specialisation of its loops.
+struct AdamOp {
+  template <typename T>
+  using Segment = AdamSegment<T>;
+
+  /// The scalars of a segment of group `group` with `step` earlier updates, from the
+  /// group's hyperparameters (a backend calls it once per segment; the four pow calls are
+  /// in adam_segment_scalars, which is not inlined).
+  template <typename T>
+  LOFT_HOST_DEVICE static Segment<T> segment(const GroupHyper& h, int64_t group, int64_t step) {
+    Segment<T> out;
+    out.scalars = adam_segment_scalars(
+                      h.value(kAdamHyperLr, group), h.value(kAdamHyperBeta1, group),
+                      h.value(kAdamHyperBeta2, group), h.value(kAdamHyperEps, group),
+                      h.value(kAdamHyperWeightDecay, group), h.flags[group], step, &out.basis)
+                      .template cast<T>();
+    return out;
+  }
+
+  /// f(kAmsgrad, kDecoupled) (with_adam_mode).
+  template <typename F>
+  LOFT_HOST_DEVICE LOFT_INLINE static void with_mode(int64_t flags, int64_t /*step*/, const F& f) {
+    with_adam_mode(flags, f);
+  }
+};
 
 }  // namespace loft

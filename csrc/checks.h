@@ -1,33 +1,21 @@
 // Argument checks shared by every backend (csrc/cpu/, csrc/cuda/): each names the op and
 // the argument (docs/ops.md, "Common arguments"). Torch-only, device-agnostic: the checks
 // of tensor metadata read no tensor memory, and the checks of values (group_flags bits,
-// the segment table) read a host pointer the backend supplies: the tensor's own data on
-// the CPU, a host copy of the (tiny) device tensor on CUDA.
+// the segment table) read them on the host: the tensor's own data on the CPU, a host copy
+// of the (tiny) device tensor otherwise. The op-level checks at the end (check_sgd_args,
+// check_adam_args) return the arguments as the kernels read them (csrc/kernel_args.h).
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <optional>
 
+#include "kernel_args.h"
 #include "segments.h"
 
 namespace loft {
-
-/// The checked view of a segment table: the rows (on the host) and the number of
-/// elements and groups they were validated against.
-struct Segments {
-  const int64_t* rows;
-  int64_t count;
-  int64_t numel;
-  int64_t groups;
-
-  int64_t offset(int64_t s) const { return rows[s * kSegmentColumns + kSegmentOffset]; }
-  int64_t size(int64_t s) const { return rows[s * kSegmentColumns + kSegmentNumel]; }
-  int64_t group(int64_t s) const { return rows[s * kSegmentColumns + kSegmentGroup]; }
-  int64_t step(int64_t s) const { return rows[s * kSegmentColumns + kSegmentStep]; }
-  bool active(int64_t s) const { return rows[s * kSegmentColumns + kSegmentActive] != 0; }
-};
 
 /// params: a 1-D contiguous floating tensor (float64, float32, float16 or bfloat16).
 inline void check_params(const char* op, const at::Tensor& params) {
@@ -183,6 +171,133 @@ inline void check_optional_needed(const char* op, const char* name, const at::Te
                 " has 0 elements, but group ", seg.group(s), " uses ", flag_name,
                 " and has an active segment (row ", s, ")");
   }
+}
+
+/// A tensor argument and its name, for the checks that take a list of them.
+struct Named {
+  const char* name;
+  const at::Tensor& tensor;
+};
+
+/// The values of a small index tensor (group_flags, segments) on the host: the tensor
+/// itself on the CPU, a copy (a synchronisation of the current stream) otherwise.
+inline at::Tensor on_host(const at::Tensor& t) { return t.is_cpu() ? t : t.cpu(); }
+
+/// The element type of params (checked by check_params) as the kernels name it.
+inline DType dtype_of(const at::Tensor& params) {
+  switch (params.scalar_type()) {
+    case at::kDouble:
+      return DType::kFloat64;
+    case at::kFloat:
+      return DType::kFloat32;
+    case at::kHalf:
+      return DType::kFloat16;
+    case at::kBFloat16:
+      return DType::kBFloat16;
+    default:
+      TORCH_CHECK(false, "loft: unexpected dtype ", params.scalar_type());
+  }
+  return DType::kFloat32;  // not reached
+}
+
+/// The upstream gradients of a backward, before its other arguments: params, then each
+/// gradient as a buffer that may have 0 elements (a zero gradient).
+inline void check_upstream(const char* op, const at::Tensor& params,
+                           std::initializer_list<Named> upstream) {
+  check_params(op, params);
+  for (const Named& u : upstream) check_buffer(op, u.name, u.tensor, params, /*may_be_empty=*/true);
+}
+
+/// The arguments of an op after its buffers: group_flags (bits within `all_flags`), the
+/// [G] hyperparameters `hypers` (in the order of csrc/segments.h; the first is lr), the
+/// segment table, the optional state buffer `optional` (an error when empty while a group
+/// with `optional_flag`, named `flag_name`, has an active segment), and the per-element
+/// lr / weight_decay. The values of group_flags and segments are checked only when
+/// `read_values` (false while a CUDA stream is captured into a graph, where no host copy
+/// is allowed). Returns what the kernels read.
+inline StepArgs check_group_args(const char* op, bool read_values, const at::Tensor& params,
+                                 const at::Tensor& group_flags, int64_t all_flags,
+                                 std::initializer_list<Named> hypers, const at::Tensor& segments,
+                                 Named optional, int64_t optional_flag, const char* flag_name,
+                                 const std::optional<at::Tensor>& lr_elementwise,
+                                 const std::optional<at::Tensor>& weight_decay_elementwise) {
+  TORCH_INTERNAL_ASSERT(hypers.size() >= 1 && hypers.size() <= kMaxHyper);
+  const int64_t groups = check_group_flags_layout(op, group_flags, params);
+  at::Tensor host_flags;
+  if (read_values) {
+    host_flags = on_host(group_flags);
+    check_group_flags_values(op, host_flags.const_data_ptr<int64_t>(), groups, all_flags);
+  }
+  const at::ScalarType hyper_dtype = check_hyper_dtype(op, hypers.begin()->tensor, params);
+  for (const Named& h : hypers) check_hyper(op, h.name, h.tensor, params, groups, hyper_dtype);
+  check_segments_layout(op, segments, params);
+  if (read_values) {
+    const at::Tensor rows = on_host(segments);
+    const Segments seg = check_segments_values(op, rows.const_data_ptr<int64_t>(), rows.size(0),
+                                               params.numel(), groups);
+    check_optional_needed(op, optional.name, optional.tensor, seg,
+                          host_flags.const_data_ptr<int64_t>(), optional_flag, flag_name);
+  }
+  const bool has_lr = check_elementwise(op, "lr_elementwise", lr_elementwise, params);
+  const bool has_wd =
+      check_elementwise(op, "weight_decay_elementwise", weight_decay_elementwise, params);
+
+  StepArgs args{};
+  args.dtype = dtype_of(params);
+  args.segments = {segments.const_data_ptr<int64_t>(), segments.size(0), params.numel(), groups};
+  int k = 0;
+  for (const Named& h : hypers) args.hyper.values[k++] = h.tensor.const_data_ptr();
+  args.hyper.flags = group_flags.const_data_ptr<int64_t>();
+  args.hyper.is_double = hyper_dtype == at::kDouble;
+  args.lr_elementwise = has_lr ? lr_elementwise->const_data_ptr() : nullptr;
+  args.weight_decay_elementwise = has_wd ? weight_decay_elementwise->const_data_ptr() : nullptr;
+  return args;
+}
+
+/// Every argument of sgd_step (the shared ones of sgd_step_backward), in order.
+inline StepArgs check_sgd_args(const char* op, bool read_values, const at::Tensor& params,
+                               const at::Tensor& grads, const at::Tensor& momentum_buffer,
+                               const at::Tensor& segments, const at::Tensor& lr,
+                               const at::Tensor& momentum, const at::Tensor& dampening,
+                               const at::Tensor& weight_decay, const at::Tensor& group_flags,
+                               const std::optional<at::Tensor>& lr_elementwise,
+                               const std::optional<at::Tensor>& weight_decay_elementwise) {
+  check_params(op, params);
+  check_buffer(op, "grads", grads, params, /*may_be_empty=*/false);
+  check_buffer(op, "momentum_buffer", momentum_buffer, params, /*may_be_empty=*/true);
+  return check_group_args(op, read_values, params, group_flags, kSgdAllFlags,
+                          {{"lr", lr},
+                           {"momentum", momentum},
+                           {"dampening", dampening},
+                           {"weight_decay", weight_decay}},
+                          segments, {"momentum_buffer", momentum_buffer}, kSgdMomentum, "momentum",
+                          lr_elementwise, weight_decay_elementwise);
+}
+
+/// Every argument of adam_step (the shared ones of adam_step_backward and adam_step_), in
+/// order.
+inline StepArgs check_adam_args(const char* op, bool read_values, const at::Tensor& params,
+                                const at::Tensor& grads, const at::Tensor& exp_avg,
+                                const at::Tensor& exp_avg_sq, const at::Tensor& max_exp_avg_sq,
+                                const at::Tensor& segments, const at::Tensor& lr,
+                                const at::Tensor& beta1, const at::Tensor& beta2,
+                                const at::Tensor& eps, const at::Tensor& weight_decay,
+                                const at::Tensor& group_flags,
+                                const std::optional<at::Tensor>& lr_elementwise,
+                                const std::optional<at::Tensor>& weight_decay_elementwise) {
+  check_params(op, params);
+  check_buffer(op, "grads", grads, params, /*may_be_empty=*/false);
+  check_buffer(op, "exp_avg", exp_avg, params, /*may_be_empty=*/false);
+  check_buffer(op, "exp_avg_sq", exp_avg_sq, params, /*may_be_empty=*/false);
+  check_buffer(op, "max_exp_avg_sq", max_exp_avg_sq, params, /*may_be_empty=*/true);
+  return check_group_args(op, read_values, params, group_flags, kAdamAllFlags,
+                          {{"lr", lr},
+                           {"beta1", beta1},
+                           {"beta2", beta2},
+                           {"eps", eps},
+                           {"weight_decay", weight_decay}},
+                          segments, {"max_exp_avg_sq", max_exp_avg_sq}, kAdamAmsgrad, "amsgrad",
+                          lr_elementwise, weight_decay_elementwise);
 }
 
 }  // namespace loft

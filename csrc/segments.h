@@ -1,6 +1,7 @@
 // Torch-free pieces shared by the math headers and every backend: the host/device
-// macro, the layout of a segment-table row, the group_flags bits, and small scalar
-// helpers. See docs/ops.md for the contract these constants encode.
+// macro, the segment table, the group_flags bits, the order of each op's [G]
+// hyperparameters, and small scalar helpers. See docs/ops.md for the contract these
+// constants encode.
 #pragma once
 
 #include <math.h>
@@ -26,6 +27,15 @@
 #endif
 #endif
 
+// Kept out of line (a function called once per segment whose inlined body would be large).
+#ifndef LOFT_NOINLINE
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define LOFT_NOINLINE __noinline__
+#else
+#define LOFT_NOINLINE __attribute__((noinline))
+#endif
+#endif
+
 namespace loft {
 
 // Columns of one row of the [S, 5] int64 segment table.
@@ -35,6 +45,32 @@ constexpr int kSegmentNumel = 1;
 constexpr int kSegmentGroup = 2;
 constexpr int kSegmentStep = 3;  // updates the tensor had *before* this call
 constexpr int kSegmentActive = 4;
+
+/// A validated segment table (csrc/checks.h): `count` rows tiling the `numel` elements of
+/// the buffers in order, with groups in [0, groups). `rows` is in the memory of the
+/// buffers' device.
+struct Segments {
+  const int64_t* rows;
+  int64_t count;
+  int64_t numel;
+  int64_t groups;
+
+  LOFT_HOST_DEVICE int64_t offset(int64_t s) const {
+    return rows[s * kSegmentColumns + kSegmentOffset];
+  }
+  LOFT_HOST_DEVICE int64_t size(int64_t s) const {
+    return rows[s * kSegmentColumns + kSegmentNumel];
+  }
+  LOFT_HOST_DEVICE int64_t group(int64_t s) const {
+    return rows[s * kSegmentColumns + kSegmentGroup];
+  }
+  LOFT_HOST_DEVICE int64_t step(int64_t s) const {
+    return rows[s * kSegmentColumns + kSegmentStep];
+  }
+  LOFT_HOST_DEVICE bool active(int64_t s) const {
+    return rows[s * kSegmentColumns + kSegmentActive] != 0;
+  }
+};
 
 // group_flags bits of sgd_step.
 constexpr int64_t kSgdMaximize = 1;
@@ -47,6 +83,39 @@ constexpr int64_t kAdamMaximize = 1;
 constexpr int64_t kAdamAmsgrad = 2;
 constexpr int64_t kAdamDecoupled = 4;
 constexpr int64_t kAdamAllFlags = kAdamMaximize | kAdamAmsgrad | kAdamDecoupled;
+
+// The [G] hyperparameters of each op in the order of its schema: index k is also bit k of
+// the backward's hyper_grad_mask and its k-th hyperparameter gradient; the gradients of
+// lr_elementwise and weight_decay_elementwise are bits kNumHyper and kNumHyper + 1.
+constexpr int kSgdHyperLr = 0;
+constexpr int kSgdHyperMomentum = 1;
+constexpr int kSgdHyperDampening = 2;
+constexpr int kSgdHyperWeightDecay = 3;
+constexpr int kSgdNumHyper = 4;
+
+constexpr int kAdamHyperLr = 0;
+constexpr int kAdamHyperBeta1 = 1;
+constexpr int kAdamHyperBeta2 = 2;
+constexpr int kAdamHyperEps = 3;
+constexpr int kAdamHyperWeightDecay = 4;
+constexpr int kAdamNumHyper = 5;
+
+constexpr int kMaxHyper = kAdamNumHyper > kSgdNumHyper ? kAdamNumHyper : kSgdNumHyper;
+
+/// An op's [G] hyperparameters (in the order above) and group_flags, in the memory of the
+/// buffers' device: each hyperparameter is G doubles when `is_double`, else G floats (its
+/// dtype is that of lr, csrc/checks.h).
+struct GroupHyper {
+  const void* values[kMaxHyper];
+  const int64_t* flags;
+  bool is_double;
+
+  /// Hyperparameter k of group g, in float64.
+  LOFT_HOST_DEVICE double value(int k, int64_t g) const {
+    return is_double ? static_cast<const double*>(values[k])[g]
+                     : static_cast<double>(static_cast<const float*>(values[k])[g]);
+  }
+};
 
 // Square roots without overload ambiguity on host and device.
 LOFT_HOST_DEVICE LOFT_INLINE float loft_sqrt(float x) { return ::sqrtf(x); }

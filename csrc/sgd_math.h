@@ -8,6 +8,7 @@
 // is the exact sign factor SgdScalars::sign (+1 or -1).
 #pragma once
 
+#include "dispatch.h"
 #include "segments.h"
 
 namespace loft {
@@ -71,11 +72,13 @@ LOFT_HOST_DEVICE LOFT_INLINE void sgd_forward(T p, T g, T b, const SgdScalars<T>
 }
 
 /// Gradients of one SGD element: of its inputs (params, grads, momentum_buffer) and its
-/// contributions to the hyperparameter gradients (lr, momentum, dampening, weight_decay).
+/// contributions to the hyperparameter gradients, hyper[k] for hyperparameter k
+/// (kSgdHyperLr, kSgdHyperMomentum, kSgdHyperDampening, kSgdHyperWeightDecay).
 template <typename T>
 struct SgdElementGrads {
+  static constexpr int kNumHyper = kSgdNumHyper;
   T params, grads, momentum_buffer;
-  T lr, momentum, dampening, weight_decay;
+  T hyper[kSgdNumHyper];
 };
 
 /// One SGD element, backward (vector-Jacobian product), with P, B the upstream
@@ -107,8 +110,8 @@ LOFT_HOST_DEVICE LOFT_INLINE SgdElementGrads<T> sgd_backward(T P, T B, T p, T g,
   SgdElementGrads<T> r;
   T G2 = D;
   r.momentum_buffer = B;
-  r.momentum = T(0);
-  r.dampening = T(0);
+  r.hyper[kSgdHyperMomentum] = T(0);
+  r.hyper[kSgdHyperDampening] = T(0);
   if (kMomentum) {
     const T Bt = B + (kNesterov ? s.momentum * D : D);
     if (kFirst) {
@@ -119,14 +122,38 @@ LOFT_HOST_DEVICE LOFT_INLINE SgdElementGrads<T> sgd_backward(T P, T B, T p, T g,
     }
     r.momentum_buffer = kFirst ? T(0) : s.momentum * Bt;
     const T from_mom = kFirst ? T(0) : Bt * b;
-    r.momentum = kNesterov ? from_mom + D * b_new : from_mom;
-    r.dampening = kFirst ? T(0) : -Bt * g2;
+    r.hyper[kSgdHyperMomentum] = kNesterov ? from_mom + D * b_new : from_mom;
+    r.hyper[kSgdHyperDampening] = kFirst ? T(0) : -Bt * g2;
   }
   r.params = loft_add_scaled(P, s.weight_decay, G2);
   r.grads = s.sign * G2;
-  r.lr = P * -d;
-  r.weight_decay = G2 * p;
+  r.hyper[kSgdHyperLr] = P * -d;
+  r.hyper[kSgdHyperWeightDecay] = G2 * p;
   return r;
 }
+
+/// SGD as the walks of every backend see it (csrc/cpu/common.h, csrc/cuda/tiles.cuh):
+/// what a backend keeps per segment and how it makes it, and the group flags that select
+/// a specialisation of its loops.
+struct SgdOp {
+  template <typename T>
+  using Segment = SgdScalars<T>;
+
+  /// The scalars of a segment of group `group` (they do not depend on its step), from the
+  /// group's hyperparameters in float64, cast to the compute type T.
+  template <typename T>
+  LOFT_HOST_DEVICE static Segment<T> segment(const GroupHyper& h, int64_t group, int64_t /*step*/) {
+    return sgd_segment_scalars(h.value(kSgdHyperLr, group), h.value(kSgdHyperMomentum, group),
+                               h.value(kSgdHyperDampening, group),
+                               h.value(kSgdHyperWeightDecay, group), h.flags[group])
+        .template cast<T>();
+  }
+
+  /// f(kMomentum, kFirst, kNesterov) (with_sgd_mode).
+  template <typename F>
+  LOFT_HOST_DEVICE LOFT_INLINE static void with_mode(int64_t flags, int64_t step, const F& f) {
+    with_sgd_mode(flags, step, f);
+  }
+};
 
 }  // namespace loft

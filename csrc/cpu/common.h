@@ -1,5 +1,6 @@
-// Shared pieces of the CPU ops (csrc/cpu/*_cpu.cpp): the argument checks of
-// csrc/checks.h reading values in place, and the chunked parallel loop.
+// The memory walk shared by the CPU kernels (csrc/cpu/sgd_cpu.cpp, adam_cpu.cpp): typed
+// views of the pointers of csrc/kernel_args.h, the chunked parallel loop, the fixed-order
+// sums of the hyperparameter terms, and the two drivers every op's loops run under.
 //
 // How a CPU op walks memory: the segments are cut into chunks of at most kChunk
 // elements (a chunk never crosses a segment boundary), at::parallel_for runs over the
@@ -9,17 +10,18 @@
 // on the number of threads.
 #pragma once
 
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <optional>
 #include <type_traits>
 #include <vector>
 
-#include "../checks.h"
+#include "../dispatch.h"
+#include "../kernel_args.h"
 #include "../segments.h"
 
 namespace loft {
@@ -33,12 +35,6 @@ constexpr int64_t kGrainChunks = 8;
 /// one block are kept on the stack, then added into kLanes running sums).
 constexpr int64_t kBlock = 256;
 constexpr int kLanes = 8;
-
-/// The compute type of buffers of scalar_t, which is also the dtype of their
-/// hyperparameter tensors: double for double, float for float, half and bfloat16 (the
-/// same as at::opmath_type, which ATen/ATen.h does not bring in).
-template <typename scalar_t>
-using compute_t = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
 
 struct Chunk {
   int64_t begin;    // first element
@@ -66,26 +62,29 @@ inline void zero_elements(scalar_t* dst, int64_t n) {
   std::memset(dst, 0, static_cast<size_t>(n) * sizeof(scalar_t));
 }
 
-/// The argument checks of csrc/checks.h with the values read in place (CPU tensors).
-inline int64_t check_group_flags(const char* op, const at::Tensor& group_flags,
-                                 const at::Tensor& params, int64_t all_flags) {
-  const int64_t groups = check_group_flags_layout(op, group_flags, params);
-  check_group_flags_values(op, group_flags.data_ptr<int64_t>(), groups, all_flags);
-  return groups;
+/// Calls f(S{}) with S the element type of `dtype` (double, float, c10::Half, c10::BFloat16).
+template <typename F>
+inline void dispatch_cpu_dtype(DType dtype, const F& f) {
+  dispatch_dtype<c10::Half, c10::BFloat16>(dtype, f);
 }
 
-inline Segments check_segments(const char* op, const at::Tensor& segments, const at::Tensor& params,
-                               int64_t groups) {
-  check_segments_layout(op, segments, params);
-  return check_segments_values(op, segments.data_ptr<int64_t>(), segments.size(0), params.numel(),
-                               groups);
+/// Element `offset` of a buffer of S handed as a pointer (csrc/kernel_args.h); nullptr for
+/// an absent buffer.
+template <typename S>
+inline const S* typed(const void* p, int64_t offset) {
+  return p != nullptr ? static_cast<const S*>(p) + offset : nullptr;
 }
 
-inline void check_optional_needed(const char* op, const char* name, const at::Tensor& buffer,
-                                  const Segments& seg, const at::Tensor& group_flags, int64_t flag,
-                                  const char* flag_name) {
-  loft::check_optional_needed(op, name, buffer, seg, group_flags.data_ptr<int64_t>(), flag,
-                              flag_name);
+template <typename S>
+inline S* typed(void* p, int64_t offset) {
+  return p != nullptr ? static_cast<S*>(p) + offset : nullptr;
+}
+
+/// Element `offset` of an upstream gradient, or, for an absent (zero) one, a read-only run
+/// of kChunk zeros, so that the inner loops stay branch-free.
+template <typename S>
+inline const S* upstream(const void* p, int64_t offset) {
+  return p != nullptr ? static_cast<const S*>(p) + offset : zeros_chunk<S>();
 }
 
 /// The chunks of a validated segment table, in element order.
@@ -102,19 +101,30 @@ inline std::vector<Chunk> make_chunks(const Segments& seg) {
   return chunks;
 }
 
-/// Runs f(chunk_index, chunk) for every chunk, in parallel.
-template <typename F>
-inline void for_each_chunk(const std::vector<Chunk>& chunks, const F& f) {
+/// Runs, for every chunk in parallel, inactive(o, n) for a chunk [o, o + n) of an inactive
+/// segment, else active(c, s, o, n) (c: the chunk's index, s: its segment).
+template <typename Inactive, typename Active>
+inline void for_each_chunk(const Segments& seg, const std::vector<Chunk>& chunks,
+                           const Inactive& inactive, const Active& active) {
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), kGrainChunks,
                    [&](int64_t first, int64_t last) {
-                     for (int64_t c = first; c < last; ++c) f(c, chunks[c]);
+                     for (int64_t c = first; c < last; ++c) {
+                       const Chunk& chunk = chunks[c];
+                       if (seg.active(chunk.segment)) {
+                         active(c, chunk.segment, chunk.begin, chunk.size);
+                       } else {
+                         inactive(chunk.begin, chunk.size);
+                       }
+                     }
                    });
 }
 
 /// Adds the n values of x into the kLanes running sums `lanes` (in a fixed order; the
-/// independent lanes let the compiler vectorise the sum without reassociation).
+/// independent lanes let the compiler vectorise the sum without reassociation). The two
+/// never share memory: said, so that the sums stay in registers (ChunkHyperTerms keeps
+/// both in one object, where gcc cannot see it by itself).
 template <typename T>
-inline void add_to_lanes(T* lanes, const T* x, int64_t n) {
+inline void add_to_lanes(T* __restrict__ lanes, const T* __restrict__ x, int64_t n) {
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
     for (int l = 0; l < kLanes; ++l) lanes[l] += x[i + l];
@@ -129,95 +139,178 @@ inline double sum_lanes(const T* lanes) {
   return static_cast<double>(total);
 }
 
-/// The [G] hyperparameter gradients from per-chunk partials (partials[c * H + k] is the
-/// sum of hyperparameter k over chunk c): summed chunk by chunk in float64 in chunk
-/// order, then cast to the dtype of `like`. Hyperparameters whose bit in `mask` is clear
-/// get zeros without touching the partials.
-inline std::vector<at::Tensor> reduce_hyper_grads(const std::vector<double>& partials,
-                                                  const std::vector<Chunk>& chunks,
-                                                  const Segments& seg, int num_hyper, int64_t mask,
-                                                  const at::Tensor& like) {
-  std::vector<at::Tensor> out;
-  out.reserve(num_hyper);
-  const auto options = like.options().dtype(at::kDouble);
+/// Writes the [G] hyperparameter gradients of `hyper` from per-chunk partials
+/// (partials[c * num_hyper + k] is the sum of hyperparameter k over chunk c): summed chunk
+/// by chunk in float64 in chunk order, then cast to the dtype of the hyperparameters
+/// (`is_double`). Hyperparameters whose bit in the mask is clear get zeros without
+/// touching the partials.
+inline void reduce_hyper_grads(const std::vector<double>& partials,
+                               const std::vector<Chunk>& chunks, const Segments& seg, int num_hyper,
+                               const HyperGradArgs& hyper, bool is_double) {
+  std::vector<double> sums(static_cast<size_t>(seg.groups));
   for (int k = 0; k < num_hyper; ++k) {
-    at::Tensor acc = at::zeros({seg.groups}, options);
-    if ((mask >> k) & 1) {
-      double* a = acc.data_ptr<double>();
+    std::fill(sums.begin(), sums.end(), 0.0);
+    if ((hyper.mask >> k) & 1) {
       for (size_t c = 0; c < chunks.size(); ++c) {
-        a[seg.group(chunks[c].segment)] += partials[c * num_hyper + k];
+        sums[seg.group(chunks[c].segment)] += partials[c * num_hyper + k];
       }
     }
-    out.push_back(acc.to(like.scalar_type()));
+    for (int64_t g = 0; g < seg.groups; ++g) {
+      if (is_double) {
+        static_cast<double*>(hyper.group[k])[g] = sums[g];
+      } else {
+        static_cast<float*>(hyper.group[k])[g] = static_cast<float>(sums[g]);
+      }
+    }
   }
-  return out;
 }
 
-/// Calls f(std::bool_constant<b>{}) with the run-time bool b as a compile-time constant.
-template <typename F>
-inline void with_bool(bool b, const F& f) {
-  if (b) {
-    f(std::true_type{});
+/// Copies [o, o + n) of the buffer of S src to dst (zeros when src is nullptr; nothing
+/// when dst is nullptr): how a chunk of an inactive segment runs Buffers::inactive.
+template <typename S>
+inline void copy_or_zero(void* dst, const void* src, int64_t o, int64_t n) {
+  if (dst == nullptr) return;
+  if (src == nullptr) {
+    zero_elements(typed<S>(dst, o), n);
   } else {
-    f(std::false_type{});
+    copy_elements(typed<S>(dst, o), typed<S>(src, o), n);
   }
 }
 
-/// A [G] hyperparameter tensor (float64, or float32 for non-float64 params: checks.h)
-/// read as float64 values.
-class HyperValues {
- public:
-  explicit HyperValues(const at::Tensor& t)
-      : data_(t.const_data_ptr()), is_double_(t.scalar_type() == at::kDouble) {}
-  double operator[](int64_t g) const {
-    return is_double_ ? static_cast<const double*>(data_)[g]
-                      : static_cast<double>(static_cast<const float*>(data_)[g]);
+/// The hyperparameter terms of a backward chunk, block by block (Buffers names the op's
+/// hyperparameters): the loop over a block puts element j's terms with set(j, ...);
+/// end_block() adds them into kLanes running sums when [G] gradients are wanted (`partial`
+/// is not null) and copies the block's lr / weight_decay terms to the per-element
+/// gradients (kLr / kWd, when wanted: copied there, not stored in the loop, as a
+/// conditional store there stops gcc vectorising it); end() writes the chunk's sums.
+template <typename Buffers, bool kLr, bool kWd, typename T>
+struct ChunkHyperTerms {
+  static constexpr int H = Buffers::kNumHyper;
+  T lanes[H][kLanes] = {};
+  T terms[H][kBlock];
+
+  LOFT_INLINE void set(int64_t j, const T (&hyper)[H]) {
+#pragma GCC unroll 8
+    for (int k = 0; k < H; ++k) terms[k][j] = hyper[k];
   }
 
- private:
-  const void* data_;
-  bool is_double_;
+  LOFT_INLINE void end_block(int64_t start, int64_t count, T* grad_lr_e, T* grad_wd_e,
+                             const double* partial) {
+    if (partial != nullptr) {
+      for (int k = 0; k < H; ++k) add_to_lanes(lanes[k], terms[k], count);
+    }
+    if (kLr && grad_lr_e != nullptr) {
+      copy_elements(grad_lr_e + start, terms[Buffers::kLrHyper], count);
+    }
+    if (kWd && grad_wd_e != nullptr) {
+      copy_elements(grad_wd_e + start, terms[Buffers::kWeightDecayHyper], count);
+    }
+  }
+
+  LOFT_INLINE void end(double* partial) const {
+    if (partial == nullptr) return;
+    for (int k = 0; k < H; ++k) partial[k] = sum_lanes(lanes[k]);
+  }
 };
 
-/// The optional per-element hyperparameters of an op (lr_elementwise,
-/// weight_decay_elementwise), checked: the data of each, or nullptr when absent.
-template <typename T>
-struct Elementwise {
-  const T* lr;
-  const T* weight_decay;
-};
+// ---- the loops of an op ----------------------------------------------------------------
+//
+// One driver for the forward ops and one for the backward ops; the op's part (Op: SgdLoops,
+// AdamLoops, with SgdOp / AdamOp of the math headers) provides
+//   Op::Segment<T>, Op::segment<T>(hyper, group, step)   each segment's scalars
+//   Op::with_mode(flags, step, f)                          f(modes...): the segment's flags
+//                                                          as compile-time bools
+//   Op::forward<S, kLr, kWd, modes...>(args, buffers, o, n, segment)
+//   Op::backward<S, kHyper, kLr, kWd, modes...>(args, hyper_grads, buffers, o, n,
+//                                               segment, partial)
+//                                                          the chunk [o, o + n) of an active
+//                                                          segment
+// and a chunk of an inactive segment gets what its Buffers::inactive says.
 
-template <typename T>
-inline Elementwise<T> elementwise_data(bool has_lr, const std::optional<at::Tensor>& lr,
-                                       bool has_wd, const std::optional<at::Tensor>& wd) {
-  return {has_lr ? lr->const_data_ptr<T>() : nullptr, has_wd ? wd->const_data_ptr<T>() : nullptr};
+/// Calls f(S{}, segments) for the element type S of args.dtype, with segments[s] the
+/// scalars of segment s in the compute type of S (made once, before the loops).
+template <typename Op, typename F>
+inline void with_segments(const StepArgs& args, const F& f) {
+  dispatch_cpu_dtype(args.dtype, [&](auto tag) {
+    using T = compute_t<decltype(tag)>;
+    const Segments& seg = args.segments;
+    std::vector<typename Op::template Segment<T>> segments;
+    segments.reserve(static_cast<size_t>(seg.count));
+    for (int64_t s = 0; s < seg.count; ++s) {
+      segments.push_back(Op::template segment<T>(args.hyper, seg.group(s), seg.step(s)));
+    }
+    f(tag, segments);
+  });
 }
 
-/// A gradient of a per-element hyperparameter: [N] in the compute dtype of params when
-/// the hyperparameter is present and its gradient is wanted, else 0 elements.
-inline at::Tensor elementwise_grad(bool wanted, const at::Tensor& params) {
-  return at::empty({wanted ? params.numel() : 0}, params.options().dtype(compute_dtype(params)));
+/// Calls f(kLr, kWd, modes...) for a chunk of segment s: whether lr_elementwise /
+/// weight_decay_elementwise are given (the per-group path is its own specialisation, as
+/// fast as without them) and the segment's Op::with_mode, as compile-time bools.
+template <typename Op, typename F>
+inline void with_chunk_flags(const StepArgs& args, int64_t s, const F& f) {
+  Op::with_mode(args.hyper.flags[args.segments.group(s)], args.segments.step(s), [&](auto... mode) {
+    with_bool(args.lr_elementwise != nullptr, [&](auto kLr) {
+      with_bool(args.weight_decay_elementwise != nullptr, [&](auto kWd) { f(kLr, kWd, mode...); });
+    });
+  });
 }
 
-/// Calls f(kLr, kWd) with whether lr_elementwise / weight_decay_elementwise are present
-/// as compile-time bools: the per-group path (both false) is its own specialisation, as
-/// fast as without them.
-template <typename F>
-inline void with_elementwise(bool lr, bool wd, const F& f) {
-  with_bool(lr, [&](auto kLr) { with_bool(wd, [&](auto kWd) { f(kLr, kWd); }); });
+template <typename Op, typename Buffers>
+void run_forward(const StepArgs& args, const Buffers& buffers) {
+  const std::vector<Chunk> chunks = make_chunks(args.segments);
+  with_segments<Op>(args, [&](auto tag, const auto& segments) {
+    using S = decltype(tag);
+    for_each_chunk(
+        args.segments, chunks,
+        [&](int64_t o, int64_t n) {
+          buffers.inactive([&](void* dst, const void* src) { copy_or_zero<S>(dst, src, o, n); });
+        },
+        [&](int64_t, int64_t s, int64_t o, int64_t n) {
+          with_chunk_flags<Op>(args, s, [&](auto... flag) {
+            Op::template forward<S, decltype(flag)::value...>(args, buffers, o, n, segments[s]);
+          });
+        });
+  });
 }
 
-/// Calls f(kHyper): whether a backward loop computes the hyperparameter terms, which it
-/// needs for [G] gradients (`group_grads`) and always does with a per-element
-/// hyperparameter (kElementwise: its gradient is such a term); those loops then skip only
-/// the partial sums at run time, which halves their specialisations.
-template <bool kElementwise, typename F>
-inline void with_hyper_terms(bool group_grads, const F& f) {
-  if constexpr (kElementwise) {
-    f(std::true_type{});
-  } else {
-    with_bool(group_grads, f);
-  }
+/// The backward driver also zeroes the per-element hyperparameter gradients on inactive
+/// segments, and writes the [G] gradients from per-chunk partial sums (reduce_hyper_grads).
+/// kHyper: whether a chunk computes the hyperparameter terms, which it needs for [G]
+/// gradients and always does with a per-element hyperparameter (its gradient is such a
+/// term); those loops then skip only the partial sums at run time, which halves their
+/// specialisations.
+template <typename Op, typename Buffers>
+void run_backward(const StepArgs& args, const HyperGradArgs& hyper, const Buffers& buffers) {
+  constexpr int H = Buffers::kNumHyper;
+  const std::vector<Chunk> chunks = make_chunks(args.segments);
+  std::vector<double> partials(hyper.mask ? chunks.size() * H : 0, 0.0);
+  with_segments<Op>(args, [&](auto tag, const auto& segments) {
+    using S = decltype(tag);
+    using T = compute_t<S>;
+    for_each_chunk(
+        args.segments, chunks,
+        [&](int64_t o, int64_t n) {
+          buffers.inactive([&](void* dst, const void* src) { copy_or_zero<S>(dst, src, o, n); });
+          copy_or_zero<T>(hyper.lr_elementwise, nullptr, o, n);
+          copy_or_zero<T>(hyper.weight_decay_elementwise, nullptr, o, n);
+        },
+        [&](int64_t c, int64_t s, int64_t o, int64_t n) {
+          double* partial = hyper.mask ? partials.data() + c * H : nullptr;
+          with_chunk_flags<Op>(args, s, [&](auto kLr, auto kWd, auto... mode) {
+            const auto chunk = [&](auto kHyper) {
+              Op::template backward<S, decltype(kHyper)::value, decltype(kLr)::value,
+                                    decltype(kWd)::value, decltype(mode)::value...>(
+                  args, hyper, buffers, o, n, segments[s], partial);
+            };
+            if constexpr (decltype(kLr)::value || decltype(kWd)::value) {
+              chunk(std::true_type{});
+            } else {
+              with_bool(hyper.mask != 0, chunk);
+            }
+          });
+        });
+  });
+  reduce_hyper_grads(partials, chunks, args.segments, H, hyper, args.hyper.is_double);
 }
 
 }  // namespace cpu

@@ -12,15 +12,15 @@ namespace {
 
 /// Block g * num_hyper + k writes out[k][g]: each thread sums the partials of blocks
 /// b = tid, tid + kThreads, ... in order, then a shared-memory tree adds the threads'
-/// sums in a fixed pattern. A hyperparameter whose bit in `mask` is clear gets 0.
+/// sums in a fixed pattern. A hyperparameter whose bit in hyper.mask is clear gets 0.
 template <typename H>
 __global__ void __launch_bounds__(kThreads)
-    hyper_grad_reduce_kernel(const double* partials, int64_t blocks, int64_t groups, int num_hyper,
-                             int64_t mask, HyperGradOutputs outputs) {
+    hyper_grad_reduce_kernel(const HyperGradArgs hyper, const double* partials, int64_t blocks,
+                             int64_t groups, int num_hyper) {
   const int64_t g = blockIdx.x / num_hyper;
   const int k = static_cast<int>(blockIdx.x % num_hyper);
-  H* out = static_cast<H*>(outputs.out[k]);
-  if (!((mask >> k) & 1)) {  // the same branch for the whole block
+  H* out = static_cast<H*>(hyper.group[k]);
+  if (!((hyper.mask >> k) & 1)) {  // the same branch for the whole block
     if (threadIdx.x == 0) out[g] = H(0);
     return;
   }
@@ -41,17 +41,17 @@ __global__ void __launch_bounds__(kThreads)
 
 }  // namespace
 
-void launch_hyper_grad_reduce(bool outputs_double, const double* partials, int64_t blocks,
-                              int64_t groups, int num_hyper, int64_t mask,
-                              const HyperGradOutputs& outputs, cudaStream_t stream) {
+void launch_hyper_grad_reduce(const HyperGradArgs& hyper, bool outputs_double,
+                              const double* partials, int64_t blocks, int64_t groups, int num_hyper,
+                              cudaStream_t stream) {
   const int64_t grid = groups * num_hyper;
   if (grid == 0) return;
   if (outputs_double) {
     hyper_grad_reduce_kernel<double><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(
-        partials, blocks, groups, num_hyper, mask, outputs);
+        hyper, partials, blocks, groups, num_hyper);
   } else {
     hyper_grad_reduce_kernel<float><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(
-        partials, blocks, groups, num_hyper, mask, outputs);
+        hyper, partials, blocks, groups, num_hyper);
   }
 }
 
