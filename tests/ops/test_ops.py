@@ -13,12 +13,7 @@ from loft import _contract, ops, reference
 from ..conftest import DEVICES, DTYPES, assert_close
 
 # The ops' names, buffers, hyperparameters and flags, from their contract.
-SGD, ADAM = _contract.SGD.name, _contract.ADAM.name
-_CONTRACTS = {contract.name: contract for contract in _contract.OPS}
-BUFFERS = {op: contract.buffers for op, contract in _CONTRACTS.items()}
-HYPER = {op: contract.hyper for op, contract in _CONTRACTS.items()}
-OPTIONAL = {op: contract.optional_state for op, contract in _CONTRACTS.items()}
-NEEDS_OPTIONAL = {op: int(contract.optional_flag) for op, contract in _CONTRACTS.items()}
+from ._bad_op_args import ADAM, BUFFERS, HYPER, NEEDS_OPTIONAL, OPTIONAL, SGD
 
 SIZE_SETS = [[0], [1], [7], [0, 1, 33, 5], [3, 0, 1000, 1, 4099], [2, 3]]
 
