@@ -1,4 +1,4 @@
-"""Print loft's module import graph (every `import`/`from` naming loft, at any depth) and its cycles.
+"""Print loft's module import graph (every import naming loft, at any depth) and its cycles.
 
 Usage: python tools/import_graph.py [python/loft]
 """
@@ -11,7 +11,7 @@ from pathlib import Path
 
 
 def module_name(root: Path, path: Path) -> str:
-    """`python/loft/optim/base.py` -> `loft.optim.base`; a package's `__init__` names the package."""
+    """`python/loft/optim/base.py` -> `loft.optim.base`; a package's `__init__` names it."""
     parts = list(path.relative_to(root.parent).with_suffix("").parts)
     if parts[-1] == "__init__":
         parts.pop()

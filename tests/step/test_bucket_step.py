@@ -6,8 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loft import ops
-
 from ..ops.test_ops import ADAM, BUFFERS, ELEMENTWISE, HYPER, SGD, add_elementwise, make_case
 
 
@@ -19,8 +17,8 @@ def test_elementwise_through_bucket_step(op: str, which: tuple[str, ...], fused:
     per-element ones; the [G] weight decay is 0 while the per-element one is not (the
     weights' gradient is then not the upstream one), one tensor is inactive."""
     from loft import _contract
-    from loft.step import bucket_step
     from loft.flat import make_buckets
+    from loft.step import bucket_step
 
     spec = _contract.SGD if op == SGD else _contract.ADAM
     shapes = [(2, 2), (3,), (1,)]
