@@ -101,7 +101,7 @@ def _split(bucket: Bucket, flat: Tensor, wanted: Sequence[bool]) -> list[Tensor 
 
 
 class _Inputs(NamedTuple):
-    """Where each group of :class:`_BucketStep`'s tensor inputs sits (after op, bucket, base)."""
+    """Where each group of :class:`_BucketStep`'s tensor inputs sits (after its 4 leading)."""
 
     views: slice
     grads: slice
@@ -124,8 +124,8 @@ class _Inputs(NamedTuple):
                        segments + 1)
 
 
-#: ``_BucketStep.apply``'s arguments before the tensors: op, bucket, base.
-_LEADING = 3
+#: ``_BucketStep.apply``'s arguments before the tensors: op, bucket, base, at.
+_LEADING = 4
 
 
 class _BucketStep(torch.autograd.Function):
@@ -134,9 +134,7 @@ class _BucketStep(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, op: OpContract, bucket: Bucket, base: Tensor | None,  # type: ignore[override]
-                *tensors: Tensor | None) -> tuple[Tensor, ...]:
-        at = _Inputs.of(op, len(bucket.numels), len(tensors) - 2 * len(bucket.numels)
-                        - len(op.state) - len(op.hyper) - 2)
+                at: _Inputs, *tensors: Tensor | None) -> tuple[Tensor, ...]:
         views, grads, state = tensors[at.views], tensors[at.grads], tensors[at.state]
         hyper, elementwise = tensors[at.hyper], tensors[at.elementwise]
         segments, flags = tensors[at.segments], tensors[at.flags]
@@ -254,7 +252,7 @@ def _input_grads(ctx: Any, result: Sequence[Tensor],
                  upstream_views: Sequence[Tensor | None] | None = None
                  ) -> tuple[Tensor | None, ...]:
     """The backward kernel's ``result`` as the gradients of :class:`_BucketStep`'s inputs
-    ``(op, bucket, base, views..., grads..., state..., hyper..., elementwise..., segments,
+    ``(op, bucket, base, at, views..., grads..., state..., hyper..., elementwise..., segments,
     flags)``.
 
     ``upstream_views``: the upstream gradients of the new weights, to be returned as the
@@ -337,8 +335,9 @@ def bucket_step(op: OpContract, bucket: Bucket, base: Tensor | None, views: Sequ
     Returns:
         The new weights as views of one new flat buffer, and the new state buffers.
     """
-    outs = _apply(_BucketStep, op, bucket, base, *views, *grads, *state, *hyper, *elementwise,
-                  segments, flags)
+    at = _Inputs.of(op, len(bucket.numels), len(elementwise))
+    outs = _apply(_BucketStep, op, bucket, base, at, *views, *grads, *state, *hyper,
+                  *elementwise, segments, flags)
     s = len(bucket.numels)
     return list(outs[:s]), list(outs[s:])
 
