@@ -256,20 +256,22 @@ class FlatState:
         return list(self.weights) + [  # type: ignore[arg-type]
             buffers[name] for buffers in self.buffers for name in self.state_names]
 
+    def set_flats(self, flats: Sequence[Tensor]) -> None:
+        """Make ``flats`` (as :meth:`flats` lays them out) the flat weights and buffers."""
+        nb, names = len(self.buckets), self.state_names
+        self.weights = list(flats[:nb])
+        self.buffers = [{name: flats[nb + k * len(names) + j] for j, name in enumerate(names)}
+                        for k in range(nb)]
+
     def load(self, flats: Sequence[Tensor], steps: Sequence[int],
              fast: list[Tensor]) -> list[Tensor]:
-        """Make ``flats`` (as :meth:`flats` lays them out) the current weights and buffers,
-        and ``steps`` the step counts; ``fast`` (the fast weights) gets the new weights'
-        views and is returned. The views are the last step's, so the next step reads
-        the flat weights directly."""
-        nb, names = len(self.buckets), self.state_names
-        for k, b in enumerate(self.buckets):
-            base = flats[k]
+        """:meth:`set_flats`, and ``steps`` as the step counts; ``fast`` (the fast weights)
+        gets the new weights' views and is returned. The views are the last step's, so the
+        next step reads the flat weights directly."""
+        self.set_flats(flats)
+        for b, base in zip(self.buckets, self.weights):
             for (off, n, shape), i in zip(zip(b.offsets, b.numels, b.shapes), b.indices):
-                fast[i] = base[off:off + n].view(shape)
-            self.weights[k] = base
-            self.buffers[k] = {name: flats[nb + k * len(names) + j]
-                               for j, name in enumerate(names)}
+                fast[i] = base[off:off + n].view(shape)  # type: ignore[index]
         self.steps = list(steps)
         self.last_views = list(fast)
         return fast

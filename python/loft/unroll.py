@@ -253,7 +253,7 @@ class _Runner:
         # diffopt continues from the final state: the checkpoint's flat buffers, the
         # replica's step counts, and the history's last views as its last weights.
         final = self.flat.snapshot()
-        final.load(flats, final.steps, list(history[-1]))
+        final.set_flats(flats)
         final.last_views = list(history[-1])
         final.private, final.keep_buffers = set(), False  # the graph may hold this state
         diffopt.set_flat_state(final)
