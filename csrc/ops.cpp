@@ -40,4 +40,15 @@ TORCH_LIBRARY(loft, m) {
       "Tensor(c!) max_exp_avg_sq, Tensor segments, Tensor lr, Tensor beta1, Tensor beta2, "
       "Tensor eps, Tensor weight_decay, Tensor group_flags, Tensor? lr_elementwise=None, "
       "Tensor? weight_decay_elementwise=None) -> Tensor");
+  // One optimiser step over a bucket as one autograd node (csrc/bucket_step.cpp): the
+  // weights as views, their gradients (None: inactive), the state, the [G] and per-element
+  // hyperparameters; returns the new weights (views of one new flat buffer), then the new
+  // state. kind: the op, in the order of loft._contract.OPS (0 sgd_step, 1 adam_step).
+  m.def(
+      "bucket_step(int kind, Tensor? base, Tensor[] views, Tensor?[] grads, Tensor[] state, "
+      "Tensor[] hyper, Tensor[] elementwise, Tensor segments, Tensor group_flags) -> Tensor[]");
+  // The differentiable reference formulas of <op>_backward (registered from Python,
+  // loft/ops.py): what bucket_step's backward calls when it is differentiated itself.
+  // args: the backward op's tensor arguments in order, without hyper_grad_mask.
+  m.def("step_backward_reference(int kind, Tensor[] args, int hyper_grad_mask) -> Tensor[]");
 }

@@ -71,10 +71,12 @@ def _want_cuda() -> bool:
 
 
 def _sources(src: Path, cuda: bool) -> list[Path]:
-    """The translation units to build: the schemas, the CPU ops and, with ``cuda``, the
-    CUDA kernels (``cuda/*.cu``, torch-free, nvcc) and their registration (``cuda/*.cpp``,
-    host-compiled; it includes the CUDA runtime headers, so only a CUDA build has it)."""
-    files = [src / "ops.cpp"] + sorted(Path(p) for p in glob.glob(str(src / "cpu" / "*.cpp")))
+    """The translation units to build: the schemas, the step node, the CPU ops and, with
+    ``cuda``, the CUDA kernels (``cuda/*.cu``, torch-free, nvcc) and their registration
+    (``cuda/*.cpp``, host-compiled; it includes the CUDA runtime headers, so only a CUDA
+    build has it)."""
+    files = [src / "ops.cpp", src / "bucket_step.cpp"]
+    files += sorted(Path(p) for p in glob.glob(str(src / "cpu" / "*.cpp")))
     if cuda:
         files += sorted(Path(p) for p in glob.glob(str(src / "cuda" / "*.cu")))
         files += sorted(Path(p) for p in glob.glob(str(src / "cuda" / "*.cpp")))

@@ -282,11 +282,31 @@ def _contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
     return tuple(torch.empty(shape, device="meta").stride())
 
 
+#: :func:`make_buckets`' buckets by layout (the parameters' devices, dtypes, shapes and
+#: groups), so that every inner loop over one model shares them and their cached tables,
+#: views and scratch buffers (a meta-batch enters a context per task). Bounded: the
+#: oldest layout is dropped first.
+_BUCKETS: dict[tuple[Any, ...], list[Bucket]] = {}
+_BUCKETS_KEPT = 64
+
+
 def make_buckets(params: Sequence[Tensor], groups: Sequence[int | None]) -> list[Bucket]:
     """Group the parameters that belong to an optimiser group by (device, dtype).
 
-    Parameters whose group is ``None`` (not handled by the optimiser) are left out.
+    Parameters whose group is ``None`` (not handled by the optimiser) are left out. One
+    layout gets the same buckets every time (they hold caches only, no state).
     """
+    key = tuple((p.device, p.dtype, p.shape, g) for p, g in zip(params, groups))
+    buckets = _BUCKETS.get(key)
+    if buckets is None:
+        buckets = _new_buckets(params, groups)
+        if len(_BUCKETS) >= _BUCKETS_KEPT:
+            del _BUCKETS[next(iter(_BUCKETS))]
+        _BUCKETS[key] = buckets
+    return list(buckets)
+
+
+def _new_buckets(params: Sequence[Tensor], groups: Sequence[int | None]) -> list[Bucket]:
     by_key: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for i, (p, grp) in enumerate(zip(params, groups)):
         if grp is None:

@@ -265,8 +265,21 @@ def _backward_of_backward(op: OpContract) -> tuple[Callable[..., Any], Callable[
     return setup, backward
 
 
+def _step_backward_reference(kind: int, args: list[Tensor], hyper_grad_mask: int) -> list[Tensor]:
+    """``loft::step_backward_reference``: ``<op>_backward`` by the differentiable reference
+    formulas (``args``: its tensor arguments in order, without the mask), for the C++ step
+    node's backward when that is differentiated itself (``create_graph=True``)."""
+    op = OPS[kind]
+    head = op.backward_slots.mask
+    result = getattr(reference, op.backward_name)(*args[:head], hyper_grad_mask, *args[head:],
+                                                  check=False)
+    return [t if t is not None else args[head - 1].new_empty(0) for t in result]
+
+
 def _register_python_parts() -> None:
     """Fake kernels and autograd for ``torch.ops.loft.*`` (called once the ops exist)."""
+    torch.library.impl("loft::step_backward_reference", "CompositeImplicitAutograd")(
+        _step_backward_reference)
     for op in OPS:
         torch.library.register_fake(f"loft::{op.name}", _fake_forward(op))
         torch.library.register_fake(f"loft::{op.backward_name}", _fake_backward(op))

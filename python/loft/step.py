@@ -35,11 +35,11 @@ import torch
 from torch import Tensor
 
 from loft import _ext
-from loft._contract import OpContract
+from loft._contract import OPS, OpContract
 from loft.flat import Bucket
 from loft.ops import backward_kernel, forward_kernel, inplace_kernel
 
-__all__ = ["bucket_step", "shift_step", "is_constant_shift", "is_sole_holder"]
+__all__ = ["bucket_step", "shift_step", "is_constant_shift", "is_sole_holder", "is_step_node"]
 
 
 def _apply(fn: type[torch.autograd.Function], *args: Any) -> Any:
@@ -335,11 +335,37 @@ def bucket_step(op: OpContract, bucket: Bucket, base: Tensor | None, views: Sequ
     Returns:
         The new weights as views of one new flat buffer, and the new state buffers.
     """
-    at = _Inputs.of(op, len(bucket.numels), len(elementwise))
+    s = len(bucket.numels)
+    if NATIVE_NODE and _ext.has_device_kernels(bucket.device):
+        # The C++ node (csrc/bucket_step.cpp): the same inputs, outputs and derivatives.
+        outs = _BUCKET_STEP(OPS.index(op), base, views, grads, state, hyper, elementwise,
+                            segments, flags)
+        return outs[:s], outs[s:]
+    at = _Inputs.of(op, s, len(elementwise))
     outs = _apply(_BucketStep, op, bucket, base, at, *views, *grads, *state, *hyper,
                   *elementwise, segments, flags)
-    s = len(bucket.numels)
     return list(outs[:s]), list(outs[s:])
+
+
+def _bucket_step_op(*args: Any) -> list[Tensor]:
+    """``torch.ops.loft.bucket_step`` (looked up at the first call: the ops load lazily)."""
+    global _BUCKET_STEP
+    _BUCKET_STEP = torch.ops.loft.bucket_step.default
+    return _BUCKET_STEP(*args)
+
+
+_BUCKET_STEP: Callable[..., list[Tensor]] = _bucket_step_op
+
+#: Whether :func:`bucket_step` runs the C++ node where the kernels are built (tests turn
+#: it off to compare it with its Python twin, :class:`_BucketStep`).
+NATIVE_NODE = True
+
+
+def is_step_node(node: Any) -> bool:
+    """Whether ``node`` (a ``grad_fn``) is a step node of :func:`bucket_step`: the C++ one
+    or its Python twin."""
+    return node is not None and (type(node).__name__ == "_BucketStepBackward"
+                                 or "BucketStep" in node.name())
 
 
 def is_constant_shift(op: OpContract, grads: Sequence[Tensor | None], state: Sequence[Tensor],

@@ -227,11 +227,14 @@ def test_weights_gradient_pass_through_equals_the_kernels(
     original = _step._params_pass_through
     used: list[bool] = []
 
-    def run(allow: bool) -> list[torch.Tensor]:
+    def run(allow: bool, native: bool = False) -> list[torch.Tensor]:
         def check(spec: Any, hyper: Any) -> bool:
             used.append(original(spec, hyper))
             return used[-1] and allow
 
+        # The Python twin of the step node, where the choice can be watched; the C++ node
+        # makes the same choice and must give the same bits.
+        monkeypatch.setattr(_step, "NATIVE_NODE", native)
         monkeypatch.setattr(_step, "_params_pass_through", check)
         torch.manual_seed(0)
         model = _WithUnusedLayer()
@@ -254,9 +257,11 @@ def test_weights_gradient_pass_through_equals_the_kernels(
     assert used and all(u == expect_used for u in used)
     used.clear()
     with_kernel = run(False)
-    assert len(with_pass) == len(with_kernel)
-    for i, (a, b) in enumerate(zip(with_pass, with_kernel)):
+    native = run(True, native=True)
+    assert len(with_pass) == len(with_kernel) == len(native)
+    for i, (a, b, c) in enumerate(zip(with_pass, with_kernel, native)):
         assert torch.equal(a, b), f"gradient {i} differs"
+        assert torch.equal(c, b), f"gradient {i} of the C++ node differs"
 
 
 def test_non_contiguous_params_passed_to_step(fused: None,

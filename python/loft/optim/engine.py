@@ -21,7 +21,7 @@ from loft.flat import Bucket, FlatState, make_buckets
 from loft.optim import per_tensor
 from loft.optim.base import DifferentiableOptimizer
 from loft.optim.higher_state import StateMirror, new_structure
-from loft.optim.hyper import HyperReader, broadcasts_to, scalar_tensor
+from loft.optim.hyper import Hyper, HyperReader, broadcasts_to, scalar_tensor
 from loft.step import bucket_step, is_constant_shift, is_sole_holder, shift_step
 
 __all__ = ["FlatOptimizer", "uses_flat_engine"]
@@ -67,6 +67,8 @@ class FlatOptimizer(DifferentiableOptimizer):
         self._flat: FlatState | None = None
         super().__init__(*args, **kwargs)
         self._hyper = self._new_hyper_reader()
+        #: :meth:`_step_settings`' last result: ``(settings key, flags, per bucket)``.
+        self._settings: tuple[tuple[Any, ...], list[int], list[Hyper]] | None = None
 
     def _new_hyper_reader(self) -> HyperReader:
         # The fused ops take float64 [G] hyperparameters for any bucket: they then form
@@ -129,6 +131,7 @@ class FlatOptimizer(DifferentiableOptimizer):
         twin._flat = self._flat.snapshot()
         twin._flat.keep_buffers, twin._flat.private = True, set()
         twin._hyper = twin._new_hyper_reader()
+        twin._settings = None
         # Its own mirror of higher's state dicts (nobody reads them), following its flat state.
         twin._mirror = StateMirror(new_structure(len(twin.param_groups)),
                                    twin._managed_state_keys(), flat_is_current=True)
@@ -279,18 +282,17 @@ class FlatOptimizer(DifferentiableOptimizer):
         if not uses_flat_engine(type(self)):
             # A subclass written for higher: the per-tensor _update, as higher runs it.
             return DifferentiableOptimizer._new_weights(self, params, grads)
-        flags = [self._group_flags(g) for g in self.param_groups]
         new_params = list(params)
         op = self._op
         grad_mode = torch.enable_grad() if self._track_higher_grads else torch.no_grad()
         with grad_mode:
             flat = self.sync_flat_state(params)
+            flags, settings = self._step_settings(flat)
             for k, b in enumerate(flat.buckets):
                 active = [grads[i] is not None for i in b.indices]
                 if not any(active):
                     continue
-                hyper, flag_tensor, elementwise = self._hyper.for_bucket(
-                    b, [self._group_hyper(g) for g in self.param_groups], flags)
+                hyper, flag_tensor, elementwise = settings[k]
                 state = flat.buffers[k]
                 if self._optional_state and state[self._optional_state].numel() == 0 and \
                         self._needs_optional(flags) and b.numel > 0:
@@ -368,6 +370,21 @@ class FlatOptimizer(DifferentiableOptimizer):
         self._mirror.advanced(self._exported_entries)
         return new_params
 
+    def _step_settings(self, flat: FlatState) -> tuple[list[int], list[Hyper]]:
+        """The groups' flags and each bucket's hyperparameter tensors for this step
+        (:meth:`HyperReader.for_bucket`); reused while the param groups hold the same
+        numbers (a group holding a tensor is read every step: it may require grad)."""
+        key = _numbers_key(self.param_groups)
+        cached = self._settings
+        if key is not None and cached is not None and cached[0] == key and \
+                len(cached[2]) == len(flat.buckets):
+            return cached[1], cached[2]
+        flags = [self._group_flags(g) for g in self.param_groups]
+        per_group = [self._group_hyper(g) for g in self.param_groups]
+        settings = [self._hyper.for_bucket(b, per_group, flags) for b in flat.buckets]
+        self._settings = None if key is None else (key, flags, settings)
+        return flags, settings
+
     def _returns_own_views(self) -> bool:
         return uses_flat_engine(type(self))
 
@@ -416,6 +433,22 @@ def uses_flat_engine(cls: type) -> bool:
         known = all(owner(name).__module__.split(".")[0] == "loft" for name in ("step", "_update"))
         _FLAT_ENGINE_CACHE[cls] = known
     return known
+
+
+def _numbers_key(groups: list[dict[str, Any]]) -> tuple[Any, ...] | None:
+    """The param groups' settings (every key but ``params``) when they are all plain
+    numbers, flags or tuples of them, else ``None``."""
+    items = tuple(tuple(item for item in g.items() if item[0] != "params") for g in groups)
+    for group in items:
+        for _, value in group:
+            if type(value) not in _PLAIN and not (
+                    type(value) is tuple and all(type(v) in _PLAIN for v in value)):
+                return None
+    return items
+
+
+#: The types of a setting that is compared by value (a tensor may change in place).
+_PLAIN = frozenset({float, int, bool, str, type(None)})
 
 
 def _kernel_elementwise(elementwise: dict[str, Tensor]) -> tuple[Tensor, ...]:
