@@ -24,6 +24,8 @@ __all__ = ["Bucket", "FlatState", "make_buckets", "hyper_tensor"]
 #: Segment tables of the usual step (all tensors active, one step count) are built this
 #: many step counts at a time (:meth:`Bucket.segments`).
 _TABLE_BATCH = 32
+#: Settings a bucket keeps (:meth:`Bucket.keep_settings`).
+_SETTINGS_KEPT = 8
 
 
 @dataclass
@@ -47,6 +49,17 @@ class Bucket:
     #: :meth:`segments`' batch of usual tables: ``(first step count, [_TABLE_BATCH, S, 5])``.
     _table_batch: tuple[int, Tensor] | None = field(init=False, default=None, repr=False,
                                                     compare=False)
+
+    #: Step settings that optimisers over this bucket computed from plain numbers, by
+    #: (optimiser class, settings): read-only tensors, shared by later inner loops.
+    settings: dict[Any, Any] = field(init=False, default_factory=dict, repr=False,
+                                     compare=False)
+
+    def keep_settings(self, key: Any, value: Any) -> None:
+        """Keep ``value`` in :attr:`settings` (the 8 newest keys only)."""
+        if len(self.settings) >= _SETTINGS_KEPT:
+            del self.settings[next(iter(self.settings))]
+        self.settings[key] = value
 
     def __post_init__(self) -> None:
         self.numels = [int(torch.Size(s).numel()) for s in self.shapes]

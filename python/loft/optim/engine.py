@@ -213,8 +213,10 @@ class FlatOptimizer(DifferentiableOptimizer):
                 if name in unused:
                     state[name] = torch.empty(0, dtype=b.dtype, device=b.device)
                     continue
-                state[name] = b.flatten([self._state_value(name, i, values[i].get(name), b, pos)
-                                         for pos, i in enumerate(b.indices)])
+                parts = [self._state_value(name, i, values[i].get(name), b, pos)
+                         for pos, i in enumerate(b.indices)]
+                state[name] = torch.zeros(b.numel, dtype=b.dtype, device=b.device) if all(
+                    part is None for part in parts) else b.flatten(parts)
             for name, default in self._segment_state_names.items():
                 ct = compute_dtype(b.dtype)
                 parts = [scalar_tensor(values[i].get(name, default), ct, b.device)
@@ -284,8 +286,7 @@ class FlatOptimizer(DifferentiableOptimizer):
             return DifferentiableOptimizer._new_weights(self, params, grads)
         new_params = list(params)
         op = self._op
-        grad_mode = torch.enable_grad() if self._track_higher_grads else torch.no_grad()
-        with grad_mode:
+        with _GradMode(self._track_higher_grads):
             flat = self.sync_flat_state(params)
             flags, settings = self._step_settings(flat)
             for k, b in enumerate(flat.buckets):
@@ -373,16 +374,29 @@ class FlatOptimizer(DifferentiableOptimizer):
     def _step_settings(self, flat: FlatState) -> tuple[list[int], list[Hyper]]:
         """The groups' flags and each bucket's hyperparameter tensors for this step
         (:meth:`HyperReader.for_bucket`); reused while the param groups hold the same
-        numbers (a group holding a tensor is read every step: it may require grad)."""
-        key = _numbers_key(self.param_groups)
+        numbers and the same tensors, unchanged (:func:`_settings_key`)."""
+        found_key = _settings_key(self.param_groups)
+        key, numbers = found_key if found_key is not None else ((), False)
         cached = self._settings
-        if key is not None and cached is not None and cached[0] == key and \
-                len(cached[2]) == len(flat.buckets):
+        if found_key is not None and cached is not None and len(cached[2]) == len(
+                flat.buckets) and _same_settings(cached[0], key):
             return cached[1], cached[2]
-        flags = [self._group_flags(g) for g in self.param_groups]
-        per_group = [self._group_hyper(g) for g in self.param_groups]
-        settings = [self._hyper.for_bucket(b, per_group, flags) for b in flat.buckets]
-        self._settings = None if key is None else (key, flags, settings)
+        # Another optimiser of this class over the same buckets (the inner loop of the
+        # previous task) may have made them: the buckets keep them (numbers only: a
+        # tensor's graph belongs to one inner loop).
+        shared = (type(self), key) if numbers else None
+        found = [b.settings.get(shared) for b in flat.buckets] if shared else []
+        if found and all(f is not None for f in found):
+            flags = found[0][0]
+            settings = [f[1] for f in found]
+        else:
+            flags = [self._group_flags(g) for g in self.param_groups]
+            per_group = [self._group_hyper(g) for g in self.param_groups]
+            settings = [self._hyper.for_bucket(b, per_group, flags) for b in flat.buckets]
+            if shared is not None:
+                for b, setting in zip(flat.buckets, settings):
+                    b.keep_settings(shared, (flags, setting))
+        self._settings = None if found_key is None else (key, flags, settings)
         return flags, settings
 
     def _returns_own_views(self) -> bool:
@@ -418,6 +432,24 @@ class FlatOptimizer(DifferentiableOptimizer):
         per_tensor.update(self, grouped_grads)
 
 
+class _GradMode:
+    """``torch.set_grad_enabled(mode)`` as a context, without its decorator machinery (a
+    cost every step pays)."""
+
+    __slots__ = ("mode", "previous")
+
+    def __init__(self, mode: bool) -> None:
+        self.mode = mode
+        self.previous = True
+
+    def __enter__(self) -> None:
+        self.previous = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(self.mode)
+
+    def __exit__(self, *exc: Any) -> None:
+        torch._C._set_grad_enabled(self.previous)
+
+
 #: Per class (weakly held: subclasses made at run time are freed with their users).
 _FLAT_ENGINE_CACHE: weakref.WeakKeyDictionary[type, bool] = weakref.WeakKeyDictionary()
 
@@ -435,16 +467,46 @@ def uses_flat_engine(cls: type) -> bool:
     return known
 
 
-def _numbers_key(groups: list[dict[str, Any]]) -> tuple[Any, ...] | None:
-    """The param groups' settings (every key but ``params``) when they are all plain
-    numbers, flags or tuples of them, else ``None``."""
-    items = tuple(tuple(item for item in g.items() if item[0] != "params") for g in groups)
-    for group in items:
-        for _, value in group:
-            if type(value) not in _PLAIN and not (
-                    type(value) is tuple and all(type(v) in _PLAIN for v in value)):
-                return None
-    return items
+def _settings_key(groups: list[dict[str, Any]]) -> tuple[tuple[Any, ...], bool] | None:
+    """The param groups' settings (every key but ``params``): ``(key, numbers only)``, or
+    ``None`` for a value of another kind. A tensor enters the key as itself and its
+    version (:func:`_same_settings` compares it by identity: it is the same input of the
+    graph only while it is the same object, unchanged in place)."""
+    key: list[Any] = []
+    numbers = True
+    for group in groups:
+        for item in group.items():
+            value = item[1]
+            kind = type(value)
+            if kind not in _PLAIN:
+                if item[0] == "params":
+                    continue
+                if isinstance(value, Tensor):
+                    numbers = False
+                    key.append((item[0], value, value._version))
+                    continue
+                if kind is not tuple or any(type(v) not in _PLAIN for v in value):
+                    return None
+            key.append(item)
+        key.append(None)  # the end of a group
+    return tuple(key), numbers
+
+
+def _same_settings(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    """Whether two :func:`_settings_key` keys are equal (tensors by identity and version)."""
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        if x is y:
+            continue
+        if x is None or y is None or len(x) != len(y) or x[0] != y[0]:
+            return False
+        if len(x) == 3:  # a tensor: (name, tensor, version)
+            if x[1] is not y[1] or x[2] != y[2]:
+                return False
+        elif type(x[1]) is not type(y[1]) or x[1] != y[1]:
+            return False
+    return True
 
 
 #: The types of a setting that is compared by value (a tensor may change in place).
