@@ -17,10 +17,11 @@ measurement in a fresh process, see :mod:`loft.bench._worker`):
      :func:`torch.autograd.graph.saved_tensors_hooks` pack hook sees every tensor a
      node saves (forward ops, the double-backward graph built by
      ``autograd.grad(create_graph=True)``, custom ``autograd.Function``s); it records
-     ``untyped_storage().data_ptr() -> untyped_storage().nbytes()`` and a weak
-     reference to the tensor. Storages still referenced by the graph when the query
-     loss is built are summed, each once (views of one flat buffer count once).
-     It is deterministic: it does not depend on the allocator or on timing.
+     the tensor's storage (by identity, see :class:`SavedTensorMeter`), its
+     ``nbytes()`` and a weak reference to the tensor. Storages still referenced by the
+     graph when the query loss is built are summed, each once (views of one flat
+     buffer count once). It is deterministic: it does not depend on the allocator (a
+     freed storage's address reused by another is a new storage) or on timing.
    - **peak RSS growth**: ``VmHWM`` (reset through ``/proc/self/clear_refs`` where
      allowed, else ``ru_maxrss``) minus ``VmRSS`` before the inner loop, over the
      inner loop and the meta-backward. Allocator-dependent; a sanity check.
@@ -65,6 +66,7 @@ __all__ = [
     "make_runner",
     "measure",
     "SavedTensorMeter",
+    "storages_have_identity",
     "count_graph_nodes",
 ]
 
@@ -229,25 +231,84 @@ def make_runner(implementation: str, built: Built) -> Runner:
 # ---- memory ---------------------------------------------------------------------------
 
 
+@dataclass
+class _SavedStorage:
+    """One storage saved for backward: its size, the storage itself (weakly; ``None`` when
+    keyed by address) and every saved tensor on it (weakly)."""
+
+    nbytes: int
+    storage: weakref.ref[torch.UntypedStorage] | None
+    tensors: list[weakref.ref[Tensor]]
+
+    def held(self) -> bool:
+        """Whether the graph still holds one of its saved tensors."""
+        return any(ref() is not None for ref in self.tensors)
+
+
+_PRESERVED: list[bool] = []  # computed once: whether torch keeps one object per storage
+
+
+def storages_have_identity() -> bool:
+    """Whether torch keeps one Python object per live storage (torch >= 2.1: the same
+    ``untyped_storage()`` object while the storage lives, dropped with it), so that the
+    object's identity is the storage's."""
+    if not _PRESERVED:
+        tensor = torch.empty(1)
+        first = tensor.untyped_storage()
+        ref = weakref.ref(first)
+        first_id = id(first)
+        del first
+        kept = ref()
+        _PRESERVED.append(kept is not None and id(kept) == first_id
+                          and kept is tensor.untyped_storage())
+    return _PRESERVED[0]
+
+
 class SavedTensorMeter:
     """Bytes of the distinct storages saved for backward while active.
 
     Use as a context manager around the code that builds the graph; then
     :meth:`live_bytes` sums, once per storage, the storages whose saved tensor is still
     held by the graph (a tensor saved by a node that was later freed is not counted).
+
+    Storages are told apart by identity, not address: torch keeps one Python object per
+    live storage, so the key is that object's ``id`` checked against a weak reference
+    that dies with the storage. A storage allocated where a freed one was (same address,
+    or an object at the same ``id``) is a new entry with its own size, whatever the
+    allocator does. (Keyed by ``data_ptr()``, as this meter once was, such a storage was
+    counted at the freed one's size, so the figures moved from run to run.) Where torch
+    does not keep the object (:func:`storages_have_identity` false), the key is the
+    address and an entry none of whose saved tensors is alive any more is replaced by
+    the next storage saved at that address: a live tensor keeps its storage alive, so an
+    entry with one is the same storage.
     """
 
     def __init__(self) -> None:
-        self._seen: dict[int, tuple[int, list[weakref.ref[Tensor]]]] = {}
+        self._by_identity = storages_have_identity()
+        self._current: dict[int, _SavedStorage] = {}  # id (or address) -> latest entry
+        self._entries: list[_SavedStorage] = []
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
     def _pack(self, tensor: Tensor) -> Tensor:
         storage = tensor.untyped_storage()
         nbytes = storage.nbytes()
         if nbytes:
-            ptr = storage.data_ptr()
-            entry = self._seen.setdefault(ptr, (nbytes, []))
-            entry[1].append(weakref.ref(tensor))
+            if self._by_identity:
+                key = id(storage)
+                entry = self._current.get(key)
+                same = entry is not None and entry.storage is not None \
+                    and entry.storage() is storage
+            else:
+                key = storage.data_ptr()
+                entry = self._current.get(key)
+                same = entry is not None and entry.held()
+            if not same:
+                entry = _SavedStorage(nbytes, weakref.ref(storage) if self._by_identity
+                                      else None, [])
+                self._current[key] = entry
+                self._entries.append(entry)
+            assert entry is not None
+            entry.tensors.append(weakref.ref(tensor))
         return tensor
 
     @staticmethod
@@ -263,15 +324,12 @@ class SavedTensorMeter:
 
     def live_bytes(self) -> int:
         """Sum of ``nbytes`` over saved storages that are still referenced."""
-        total = 0
-        for nbytes, refs in self._seen.values():
-            if any(r() is not None for r in refs):
-                total += nbytes
-        return total
+        return sum(entry.nbytes for entry in self._entries if entry.held())
 
     @property
     def num_storages(self) -> int:
-        return sum(1 for _, refs in self._seen.values() if any(r() is not None for r in refs))
+        """Saved storages that are still referenced."""
+        return sum(1 for entry in self._entries if entry.held())
 
 
 def _proc_status_kib(field: str) -> int | None:
