@@ -55,25 +55,36 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from loft.bench.baselines import PerTensorInnerLoop
 from loft.bench.workloads import Built, Workload, build, loss_fn
 
 __all__ = [
     "IMPLEMENTATIONS",
+    "TORCHOPT_EPS_ROOT",
     "Runner",
     "make_runner",
     "measure",
     "SavedTensorMeter",
     "storages_have_identity",
     "count_graph_nodes",
+    "torchopt_backend",
+    "torchopt_optimizer",
 ]
 
 #: Implementation names, in table order. ``loft-reference`` is loft with
-#: ``LOFT_BACKEND=reference`` (set by the suite for its subprocess); ``floor`` is the
-#: bare floor: forward + ``autograd.grad(create_graph=True)``, no update.
-IMPLEMENTATIONS = ("loft", "loft-reference", "per-tensor", "higher", "floor")
+#: ``LOFT_BACKEND=reference`` (set by the suite for its subprocess); ``torchopt`` is
+#: torchopt's ``MetaSGD``/``MetaAdam`` stepping the model in place (its MAML pattern);
+#: ``floor`` is the bare floor: forward + ``autograd.grad(create_graph=True)``, no update.
+IMPLEMENTATIONS = ("loft", "loft-reference", "per-tensor", "higher", "torchopt", "floor")
+
+#: torchopt's ``MetaAdam(eps_root=...)``: its default 0 makes the derivative of
+#: ``sqrt(nu)`` infinite where a gradient element is exactly 0 (a dead ReLU unit) and the
+#: meta-gradient NaN; torchopt's documentation asks for an ``eps_root`` when
+#: differentiating through Adam. 1e-16 keeps its update torch.optim's to float32
+#: precision (the other implementations' formula) at the same cost.
+TORCHOPT_EPS_ROOT = 1e-16
 
 #: Seconds of timed runs per measurement by default: runs that take longer get fewer
 #: repeats (at least one). 5 s keeps 5 repeats of every T = 10 and T = 50 run (the
@@ -144,6 +155,81 @@ class HigherStyleRunner(Runner):
         if self._stack is not None:
             self._stack.close()
         self._stack = self.fmodel = self.diffopt = None
+
+
+def torchopt_backend() -> str:
+    """What torchopt runs on here: its ``MetaSGD``/``MetaAdam`` default to pure-PyTorch
+    transforms (``use_accelerated_op=False``); says whether its compiled op
+    ``torchopt._C`` loads (it is built against one torch release)."""
+    try:
+        from torchopt._C import adam_op  # noqa: F401
+    except ImportError as exc:
+        return (f"pure-PyTorch (compiled op unavailable: {type(exc).__name__}: {exc}; "
+                f"MetaSGD/MetaAdam run their default pure-PyTorch transforms, and "
+                f"use_accelerated_op=True would fall back to torchopt.accelerated_op._src, "
+                f"also pure PyTorch)")
+    return ("pure-PyTorch (MetaSGD/MetaAdam's default use_accelerated_op=False; the compiled "
+            "op torchopt._C loads but is not used)")
+
+
+def torchopt_optimizer(module: nn.Module, optimizer: torch.optim.Optimizer) -> Any:
+    """torchopt's ``MetaSGD``/``MetaAdam`` over ``module`` with the hyperparameters of a
+    one-group ``torch.optim`` SGD or Adam ``optimizer``."""
+    import torchopt
+
+    if len(optimizer.param_groups) != 1:
+        raise ValueError(f"torchopt_optimizer: expected 1 param group, got "
+                         f"{len(optimizer.param_groups)}")
+    group = optimizer.param_groups[0]
+    if isinstance(optimizer, torch.optim.SGD):
+        return torchopt.MetaSGD(module, lr=group["lr"], momentum=group["momentum"],
+                                dampening=group["dampening"], nesterov=group["nesterov"],
+                                weight_decay=group["weight_decay"])
+    if type(optimizer) is torch.optim.Adam and not group.get("amsgrad"):
+        return torchopt.MetaAdam(module, lr=group["lr"], betas=tuple(group["betas"]),
+                                 eps=group["eps"], weight_decay=group["weight_decay"],
+                                 eps_root=TORCHOPT_EPS_ROOT)
+    raise TypeError(f"torchopt_optimizer: SGD or Adam expected, got "
+                    f"{type(optimizer).__name__}")
+
+
+class TorchoptRunner(Runner):
+    """torchopt's MAML pattern: ``MetaSGD``/``MetaAdam`` made once, the model's and the
+    optimiser's state extracted in ``setup()`` and recovered in ``teardown()``; each
+    ``step()`` replaces the model's parameters with the updated (non-leaf) tensors."""
+
+    def __init__(self, built: Built) -> None:
+        super().__init__(built)
+        import torchopt
+
+        assert built.optimizer is not None
+        self.torchopt = torchopt
+        self.inner = torchopt_optimizer(built.model, built.optimizer)
+        self._states: tuple[Any, Any] | None = None
+
+    def setup(self) -> None:
+        self.teardown()
+        model = self.built.model
+        self._states = (
+            self.torchopt.extract_state_dict(model, by="reference", detach_buffers=True),
+            self.torchopt.extract_state_dict(self.inner, by="reference"))
+
+    def step(self) -> None:
+        x, y = self.built.support
+        self.inner.step(loss_fn(self.built.model(x), y))
+
+    def query_loss(self) -> Tensor:
+        x, y = self.built.query
+        return loss_fn(self.built.model(x), y)
+
+    def graph_roots(self) -> list[Tensor]:
+        return list(self.built.model.parameters())
+
+    def teardown(self) -> None:
+        if self._states is not None:
+            self.torchopt.recover_state_dict(self.built.model, self._states[0])
+            self.torchopt.recover_state_dict(self.inner, self._states[1])
+        self._states = None
 
 
 class PerTensorRunner(Runner):
@@ -223,6 +309,8 @@ def make_runner(implementation: str, built: Built) -> Runner:
         return HigherStyleRunner(built, higher)
     if implementation == "per-tensor":
         return PerTensorRunner(built)
+    if implementation == "torchopt":
+        return TorchoptRunner(built)
     if implementation == "floor":
         return FloorRunner(built)
     raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
@@ -537,6 +625,11 @@ def measure(workload: Workload, implementation: str, repeats: int = 5,
         import higher
 
         result["higher"] = getattr(higher, "__version__", "unknown")
+    if implementation == "torchopt":
+        import torchopt
+
+        result["torchopt"] = torchopt.__version__
+        result["torchopt_backend"] = torchopt_backend()
 
     _timed_run(runner, 1, device)  # warm-up: kernels, allocator, lazy imports
     if memory:  # also the full-length warm-up
