@@ -413,7 +413,7 @@ def test_check_rows_list_every_target_and_every_peer_comparison() -> None:
     measured = {("sinusoid", "sgd"), ("context", "sgd")}
     assert sum(1 for t in META_TARGETS if (t.workload, t.optimizer) in measured) == \
         sum(1 for r in rows if not r["target"].startswith("no slower"))
-    text = result.check_table()
+    text = result._check_table()
     assert "MISSED" in text and " met" in text and f"of {len(rows)} met" in text
 
 

@@ -6,7 +6,11 @@
 
 .. code-block:: python
 
-    from loft.bench import run_meta_suite, run_suite, MetaWorkload, measure_meta
+    from loft.bench import run_suite
+    from loft.bench.meta_measure import measure_meta
+    from loft.bench.meta_suite import run_meta_suite
+    from loft.bench.meta_workloads import MetaWorkload
+
     result = run_meta_suite(workloads=["sinusoid"], implementations=["loft", "higher"])
     print(result.table()); result.save("loft-bench")          # meta.txt/.json/.png
     measure_meta(MetaWorkload("sinusoid", "adam"), "loft")    # in this process
@@ -51,24 +55,10 @@ from __future__ import annotations
 from loft.bench.baselines import PerTensorAdam, PerTensorInnerLoop, PerTensorSGD
 from loft.bench.long import LONG_MODES, LongResult, measure_long, run_long_suite
 from loft.bench.measure import IMPLEMENTATIONS, SavedTensorMeter, count_graph_nodes, measure
-from loft.bench.meta_measure import META_IMPLEMENTATIONS, measure_meta, meta_gradients
-from loft.bench.meta_results import META_TARGETS, MetaSuiteResult
-from loft.bench.meta_suite import run_meta_suite
-from loft.bench.meta_workloads import META_WORKLOADS, MetaWorkload, build_meta, sample_tasks
 from loft.bench.suite import TARGETS, Job, SuiteResult, Target, derive, run_suite, run_worker
 from loft.bench.workloads import MODELS, OPTIMIZERS, Workload, build
 
 __all__ = [
-    "run_meta_suite",
-    "measure_meta",
-    "meta_gradients",
-    "MetaWorkload",
-    "MetaSuiteResult",
-    "META_WORKLOADS",
-    "META_IMPLEMENTATIONS",
-    "META_TARGETS",
-    "build_meta",
-    "sample_tasks",
     "run_suite",
     "run_long_suite",
     "measure_long",

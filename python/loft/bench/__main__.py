@@ -294,7 +294,7 @@ def _report(args: argparse.Namespace, run: Callable[[], Any]) -> int:
     print(result.table())
     if args.check:
         print()
-        print(result.check_table())
+        print(result._check_table())
     try:
         paths = result.save(args.out, plot=not args.no_plot, check=args.check)
     except PlotError as exc:

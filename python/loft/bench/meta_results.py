@@ -13,7 +13,7 @@ records into
 - **ratios** for loft: the speed-up over each peer (the peer's time / loft's, above 1:
   loft is faster) and loft over the floor (loft's time / the floor's, at least 1), each
   from the medians above, with the same ratio per round in the JSON;
-- :meth:`MetaSuiteResult.table`, the report a newcomer reads; :meth:`check_table`, the
+- :meth:`MetaSuiteResult.table`, the report a newcomer reads; ``_check_table()``, the
   maintainers' targets (``python -m loft.bench --check``), never in the normal report.
 """
 
@@ -369,7 +369,7 @@ class MetaSuiteResult:
                                      "bound": ">= 1", "value": value, "met": value >= 1.0})
         return rows
 
-    def check_table(self) -> str:
+    def _check_table(self) -> str:
         """The targets as text, one line each, ``met`` or ``MISSED``."""
         rows = self.check_rows()
         lines = [f"Targets, real workloads ({self.meta.get('threads')} thread(s), "

@@ -16,7 +16,8 @@ meta_measure -> plotting -> results -> meta_results -> suite -> meta_suite, long
 CLI (plotting reads only the attributes it draws, so it imports no result type).
 
 The targets (:data:`TARGETS`, :data:`RATIOS`) are the maintainers': the tables print
-them only when asked (``check=True``, ``python -m loft.bench --check``).
+them only when asked (``check=True``, ``python -m loft.bench --check``), through each
+result's package-internal ``_check_table()``.
 """
 
 from __future__ import annotations
@@ -249,7 +250,7 @@ class SuiteResult:
                          f"{r['implementation']}: {r['error']}")
         return "\n".join(lines)
 
-    def check_table(self) -> str:
+    def _check_table(self) -> str:
         """The targets of :data:`TARGETS` that were measured, one line each."""
         lines = [f"Targets, models A B C (loft fused, T=50; {self.meta.get('threads')} "
                  f"thread(s), {self.meta.get('device')}):"]
@@ -400,7 +401,7 @@ class LongResult:
             lines.append(f"error: {r.get('mode')}/T={r.get('steps')}: {r['error']}")
         return "\n".join(lines)
 
-    def check_table(self) -> str:
+    def _check_table(self) -> str:
         """The targets at T = 300 (:data:`RATIOS`), one line each."""
         targets = self.target_rows()
         if not targets:
@@ -468,14 +469,14 @@ def _fmt_padded(value: float | None, spec: str) -> str:
 def write_result(result: Any, out_dir: str | os.PathLike[str], stem: str, plot: Any,
                  check: bool = False) -> dict[str, Path]:
     """``<stem>.json`` and ``<stem>.txt`` of ``result`` (a suite's result: ``to_json``,
-    ``table``, ``check_table``) in ``out_dir``, then the plot ``<stem>.png`` with
+    ``table``, ``_check_table``) in ``out_dir``, then the plot ``<stem>.png`` with
     ``plot`` (if not ``None``; its failure raises PlotError last). With ``check``, the
     targets go into both files too."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / f"{stem}.json", "table": out / f"{stem}.txt"}
     paths["json"].write_text(json.dumps(result.to_json(check=check), indent=1))
-    text = result.table() + ("\n\n" + result.check_table() if check else "")
+    text = result.table() + ("\n\n" + result._check_table() if check else "")
     paths["table"].write_text(text + "\n")
     if plot is not None:
         plotting.write_plot(plot, result, out / f"{stem}.png", paths)
