@@ -65,9 +65,12 @@ class build_py_with_csrc(build_py):
 
 
 # What `python -m loft.bench` imports beyond loft's own requirements: higher, the baseline
-# every ratio is taken against (0.2.1, the release the README's figures compare with), and
-# matplotlib for the plot. The benchmark checks for them before it measures anything.
-BENCH_REQUIRES = ["higher==0.2.1", "matplotlib"]
+# every ratio is taken against (0.2.1, the release the README's figures compare with),
+# torchopt, a peer (its wheel needs only torch>=1.13, optree, numpy, graphviz: pip keeps the
+# installed torch; its compiled op is built for one torch release and the benchmark records
+# whether it loads), and matplotlib for the plot. The benchmark checks for higher and
+# matplotlib before it measures anything, and leaves torchopt out with a note when missing.
+BENCH_REQUIRES = ["higher==0.2.1", "torchopt>=0.7.3", "matplotlib"]
 # pillow: the Omniglot loader test writes and reads real PNGs; the bench extra: the parity
 # tests against higher and the benchmark's own tests (plot included).
 TEST_REQUIRES = ["pytest", "pytest-benchmark", "numpy", "hypothesis", "pillow", *BENCH_REQUIRES]

@@ -178,7 +178,7 @@ def test_present_dependencies_let_the_suite_run(
     monkeypatch.setattr(bench_cli, "build_ops", lambda: calls.append("build"))
     monkeypatch.setattr(bench_cli, "run_suite", fake_run_suite)
     out = tmp_path / "out"
-    argv = ["--quick", "--no-plot", "--out", str(out)]
+    argv = ["--quick", "--models", "A", "--no-plot", "--out", str(out)]
     if implementations is not None:
         argv += ["--implementations", implementations]
     assert bench_cli.main(argv) == 0
@@ -203,8 +203,8 @@ def test_results_survive_a_failing_plot(
 
     monkeypatch.setattr(bench_plotting, "plot_results", failing_plot)
     monkeypatch.setattr(bench_cli, "run_suite", lambda **kwargs: _suite_result())
-    assert bench_cli.main(["--quick", "--no-progress", "--implementations", "loft",
-                           "--out", str(out)]) == 1
+    assert bench_cli.main(["--quick", "--models", "A", "--no-progress", "--implementations",
+                           "loft", "--out", str(out)]) == 1
     captured = capsys.readouterr()
     assert "inner ms" in captured.out  # the table was printed
     assert "the plot failed (RuntimeError: no display)" in captured.err, captured.err

@@ -14,7 +14,10 @@ starts, and ``LOFT_BACKEND`` for the loft implementations), runs
 ``FILE``, or to stdout after the line ``--- loft.bench result ---``.
 
 A spec ``{"suite": "long", "mode": "checkpoint", "steps": 300, "threads": 1}`` runs one
-measurement of the ``--long`` suite instead (:func:`loft.bench.long.measure_long`).
+measurement of the ``--long`` suite instead (:func:`loft.bench.long.measure_long`), and
+``{"suite": "meta", "workload": {"name": "sinusoid", "optimizer": "adam"},
+"implementation": "torchopt", "repeats": 5}`` one of the real workloads
+(:func:`loft.bench.meta_measure.measure_meta`).
 """
 
 from __future__ import annotations
@@ -57,16 +60,21 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
 
         _freeze_imports()
         return run_long_spec(spec)
-    from loft.bench.measure import DEFAULT_TIME_BUDGET_S, measure
-    from loft.bench.workloads import Workload
-
-    _freeze_imports()
-
     implementation = spec["implementation"]
-    result = measure(Workload.from_dict(spec["workload"]), implementation,
-                     repeats=int(spec.get("repeats", 5)), device=spec.get("device", "cpu"),
-                     memory=bool(spec.get("memory", True)),
-                     time_budget_s=spec.get("time_budget_s", DEFAULT_TIME_BUDGET_S))
+    if spec.get("suite") == "meta":
+        from loft.bench.meta_measure import run_meta_spec
+
+        _freeze_imports()
+        result = run_meta_spec(spec)
+    else:
+        from loft.bench.measure import DEFAULT_TIME_BUDGET_S, measure
+        from loft.bench.workloads import Workload
+
+        _freeze_imports()
+        result = measure(Workload.from_dict(spec["workload"]), implementation,
+                         repeats=int(spec.get("repeats", 5)), device=spec.get("device", "cpu"),
+                         memory=bool(spec.get("memory", True)),
+                         time_budget_s=spec.get("time_budget_s", DEFAULT_TIME_BUDGET_S))
     result["env"] = {k: os.environ.get(k) for k in
                      ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "LOFT_BACKEND")}
     expected = EXPECTED_BACKEND.get(implementation)

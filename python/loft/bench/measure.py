@@ -17,10 +17,11 @@ measurement in a fresh process, see :mod:`loft.bench._worker`):
      :func:`torch.autograd.graph.saved_tensors_hooks` pack hook sees every tensor a
      node saves (forward ops, the double-backward graph built by
      ``autograd.grad(create_graph=True)``, custom ``autograd.Function``s); it records
-     ``untyped_storage().data_ptr() -> untyped_storage().nbytes()`` and a weak
-     reference to the tensor. Storages still referenced by the graph when the query
-     loss is built are summed, each once (views of one flat buffer count once).
-     It is deterministic: it does not depend on the allocator or on timing.
+     the tensor's storage (by identity, see :class:`SavedTensorMeter`), its
+     ``nbytes()`` and a weak reference to the tensor. Storages still referenced by the
+     graph when the query loss is built are summed, each once (views of one flat
+     buffer count once). It is deterministic: it does not depend on the allocator (a
+     freed storage's address reused by another is a new storage) or on timing.
    - **peak RSS growth**: ``VmHWM`` (reset through ``/proc/self/clear_refs`` where
      allowed, else ``ru_maxrss``) minus ``VmRSS`` before the inner loop, over the
      inner loop and the meta-backward. Allocator-dependent; a sanity check.
@@ -54,24 +55,36 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from loft.bench.baselines import PerTensorInnerLoop
 from loft.bench.workloads import Built, Workload, build, loss_fn
 
 __all__ = [
     "IMPLEMENTATIONS",
+    "TORCHOPT_EPS_ROOT",
     "Runner",
     "make_runner",
     "measure",
     "SavedTensorMeter",
+    "storages_have_identity",
     "count_graph_nodes",
+    "torchopt_backend",
+    "torchopt_optimizer",
 ]
 
 #: Implementation names, in table order. ``loft-reference`` is loft with
-#: ``LOFT_BACKEND=reference`` (set by the suite for its subprocess); ``floor`` is the
-#: bare floor: forward + ``autograd.grad(create_graph=True)``, no update.
-IMPLEMENTATIONS = ("loft", "loft-reference", "per-tensor", "higher", "floor")
+#: ``LOFT_BACKEND=reference`` (set by the suite for its subprocess); ``torchopt`` is
+#: torchopt's ``MetaSGD``/``MetaAdam`` stepping the model in place (its MAML pattern);
+#: ``floor`` is the bare floor: forward + ``autograd.grad(create_graph=True)``, no update.
+IMPLEMENTATIONS = ("loft", "loft-reference", "per-tensor", "higher", "torchopt", "floor")
+
+#: torchopt's ``MetaAdam(eps_root=...)``: its default 0 makes the derivative of
+#: ``sqrt(nu)`` infinite where a gradient element is exactly 0 (a dead ReLU unit) and the
+#: meta-gradient NaN; torchopt's documentation asks for an ``eps_root`` when
+#: differentiating through Adam. 1e-16 keeps its update torch.optim's to float32
+#: precision (the other implementations' formula) at the same cost.
+TORCHOPT_EPS_ROOT = 1e-16
 
 #: Seconds of timed runs per measurement by default: runs that take longer get fewer
 #: repeats (at least one). 5 s keeps 5 repeats of every T = 10 and T = 50 run (the
@@ -142,6 +155,81 @@ class HigherStyleRunner(Runner):
         if self._stack is not None:
             self._stack.close()
         self._stack = self.fmodel = self.diffopt = None
+
+
+def torchopt_backend() -> str:
+    """What torchopt runs on here: its ``MetaSGD``/``MetaAdam`` default to pure-PyTorch
+    transforms (``use_accelerated_op=False``); says whether its compiled op
+    ``torchopt._C`` loads (it is built against one torch release)."""
+    try:
+        from torchopt._C import adam_op  # noqa: F401
+    except ImportError as exc:
+        return (f"pure-PyTorch (compiled op unavailable: {type(exc).__name__}: {exc}; "
+                f"MetaSGD/MetaAdam run their default pure-PyTorch transforms, and "
+                f"use_accelerated_op=True would fall back to torchopt.accelerated_op._src, "
+                f"also pure PyTorch)")
+    return ("pure-PyTorch (MetaSGD/MetaAdam's default use_accelerated_op=False; the compiled "
+            "op torchopt._C loads but is not used)")
+
+
+def torchopt_optimizer(module: nn.Module, optimizer: torch.optim.Optimizer) -> Any:
+    """torchopt's ``MetaSGD``/``MetaAdam`` over ``module`` with the hyperparameters of a
+    one-group ``torch.optim`` SGD or Adam ``optimizer``."""
+    import torchopt
+
+    if len(optimizer.param_groups) != 1:
+        raise ValueError(f"torchopt_optimizer: expected 1 param group, got "
+                         f"{len(optimizer.param_groups)}")
+    group = optimizer.param_groups[0]
+    if isinstance(optimizer, torch.optim.SGD):
+        return torchopt.MetaSGD(module, lr=group["lr"], momentum=group["momentum"],
+                                dampening=group["dampening"], nesterov=group["nesterov"],
+                                weight_decay=group["weight_decay"])
+    if type(optimizer) is torch.optim.Adam and not group.get("amsgrad"):
+        return torchopt.MetaAdam(module, lr=group["lr"], betas=tuple(group["betas"]),
+                                 eps=group["eps"], weight_decay=group["weight_decay"],
+                                 eps_root=TORCHOPT_EPS_ROOT)
+    raise TypeError(f"torchopt_optimizer: SGD or Adam expected, got "
+                    f"{type(optimizer).__name__}")
+
+
+class TorchoptRunner(Runner):
+    """torchopt's MAML pattern: ``MetaSGD``/``MetaAdam`` made once, the model's and the
+    optimiser's state extracted in ``setup()`` and recovered in ``teardown()``; each
+    ``step()`` replaces the model's parameters with the updated (non-leaf) tensors."""
+
+    def __init__(self, built: Built) -> None:
+        super().__init__(built)
+        import torchopt
+
+        assert built.optimizer is not None
+        self.torchopt = torchopt
+        self.inner = torchopt_optimizer(built.model, built.optimizer)
+        self._states: tuple[Any, Any] | None = None
+
+    def setup(self) -> None:
+        self.teardown()
+        model = self.built.model
+        self._states = (
+            self.torchopt.extract_state_dict(model, by="reference", detach_buffers=True),
+            self.torchopt.extract_state_dict(self.inner, by="reference"))
+
+    def step(self) -> None:
+        x, y = self.built.support
+        self.inner.step(loss_fn(self.built.model(x), y))
+
+    def query_loss(self) -> Tensor:
+        x, y = self.built.query
+        return loss_fn(self.built.model(x), y)
+
+    def graph_roots(self) -> list[Tensor]:
+        return list(self.built.model.parameters())
+
+    def teardown(self) -> None:
+        if self._states is not None:
+            self.torchopt.recover_state_dict(self.built.model, self._states[0])
+            self.torchopt.recover_state_dict(self.inner, self._states[1])
+        self._states = None
 
 
 class PerTensorRunner(Runner):
@@ -221,6 +309,8 @@ def make_runner(implementation: str, built: Built) -> Runner:
         return HigherStyleRunner(built, higher)
     if implementation == "per-tensor":
         return PerTensorRunner(built)
+    if implementation == "torchopt":
+        return TorchoptRunner(built)
     if implementation == "floor":
         return FloorRunner(built)
     raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
@@ -229,25 +319,84 @@ def make_runner(implementation: str, built: Built) -> Runner:
 # ---- memory ---------------------------------------------------------------------------
 
 
+@dataclass
+class _SavedStorage:
+    """One storage saved for backward: its size, the storage itself (weakly; ``None`` when
+    keyed by address) and every saved tensor on it (weakly)."""
+
+    nbytes: int
+    storage: weakref.ref[torch.UntypedStorage] | None
+    tensors: list[weakref.ref[Tensor]]
+
+    def held(self) -> bool:
+        """Whether the graph still holds one of its saved tensors."""
+        return any(ref() is not None for ref in self.tensors)
+
+
+_PRESERVED: list[bool] = []  # computed once: whether torch keeps one object per storage
+
+
+def storages_have_identity() -> bool:
+    """Whether torch keeps one Python object per live storage (torch >= 2.1: the same
+    ``untyped_storage()`` object while the storage lives, dropped with it), so that the
+    object's identity is the storage's."""
+    if not _PRESERVED:
+        tensor = torch.empty(1)
+        first = tensor.untyped_storage()
+        ref = weakref.ref(first)
+        first_id = id(first)
+        del first
+        kept = ref()
+        _PRESERVED.append(kept is not None and id(kept) == first_id
+                          and kept is tensor.untyped_storage())
+    return _PRESERVED[0]
+
+
 class SavedTensorMeter:
     """Bytes of the distinct storages saved for backward while active.
 
     Use as a context manager around the code that builds the graph; then
     :meth:`live_bytes` sums, once per storage, the storages whose saved tensor is still
     held by the graph (a tensor saved by a node that was later freed is not counted).
+
+    Storages are told apart by identity, not address: torch keeps one Python object per
+    live storage, so the key is that object's ``id`` checked against a weak reference
+    that dies with the storage. A storage allocated where a freed one was (same address,
+    or an object at the same ``id``) is a new entry with its own size, whatever the
+    allocator does. (Keyed by ``data_ptr()``, as this meter once was, such a storage was
+    counted at the freed one's size, so the figures moved from run to run.) Where torch
+    does not keep the object (:func:`storages_have_identity` false), the key is the
+    address and an entry none of whose saved tensors is alive any more is replaced by
+    the next storage saved at that address: a live tensor keeps its storage alive, so an
+    entry with one is the same storage.
     """
 
     def __init__(self) -> None:
-        self._seen: dict[int, tuple[int, list[weakref.ref[Tensor]]]] = {}
+        self._by_identity = storages_have_identity()
+        self._current: dict[int, _SavedStorage] = {}  # id (or address) -> latest entry
+        self._entries: list[_SavedStorage] = []
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
     def _pack(self, tensor: Tensor) -> Tensor:
         storage = tensor.untyped_storage()
         nbytes = storage.nbytes()
         if nbytes:
-            ptr = storage.data_ptr()
-            entry = self._seen.setdefault(ptr, (nbytes, []))
-            entry[1].append(weakref.ref(tensor))
+            if self._by_identity:
+                key = id(storage)
+                entry = self._current.get(key)
+                same = entry is not None and entry.storage is not None \
+                    and entry.storage() is storage
+            else:
+                key = storage.data_ptr()
+                entry = self._current.get(key)
+                same = entry is not None and entry.held()
+            if not same:
+                entry = _SavedStorage(nbytes, weakref.ref(storage) if self._by_identity
+                                      else None, [])
+                self._current[key] = entry
+                self._entries.append(entry)
+            assert entry is not None
+            entry.tensors.append(weakref.ref(tensor))
         return tensor
 
     @staticmethod
@@ -263,15 +412,12 @@ class SavedTensorMeter:
 
     def live_bytes(self) -> int:
         """Sum of ``nbytes`` over saved storages that are still referenced."""
-        total = 0
-        for nbytes, refs in self._seen.values():
-            if any(r() is not None for r in refs):
-                total += nbytes
-        return total
+        return sum(entry.nbytes for entry in self._entries if entry.held())
 
     @property
     def num_storages(self) -> int:
-        return sum(1 for _, refs in self._seen.values() if any(r() is not None for r in refs))
+        """Saved storages that are still referenced."""
+        return sum(1 for entry in self._entries if entry.held())
 
 
 def _proc_status_kib(field: str) -> int | None:
@@ -479,6 +625,11 @@ def measure(workload: Workload, implementation: str, repeats: int = 5,
         import higher
 
         result["higher"] = getattr(higher, "__version__", "unknown")
+    if implementation == "torchopt":
+        import torchopt
+
+        result["torchopt"] = torchopt.__version__
+        result["torchopt_backend"] = torchopt_backend()
 
     _timed_run(runner, 1, device)  # warm-up: kernels, allocator, lazy imports
     if memory:  # also the full-length warm-up

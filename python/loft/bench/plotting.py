@@ -4,6 +4,12 @@ One row of panels per (model, optimiser): inner-loop time, meta-backward time an
 saved-for-backward bytes, each against the number of inner steps T on log-log axes.
 The bare floor (no update) is drawn dashed in every row of its model.
 
+:func:`plot_meta` draws the real workloads: one panel per workload and optimiser, one
+bar per implementation: the meta-iteration's median time split into inner loop,
+meta-backward and the rest (context entry, query forward, meta step), the spread over
+the rounds as an error bar, and loft's speed-up written over each peer's bar; on
+``context``, the time per entry.
+
 :func:`plot_long` draws the ``--long`` suite: peak RSS growth and total time against T,
 one line per mode (full, checkpoint, truncate, first_order).
 
@@ -24,8 +30,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-__all__ = ["plot_results", "plot_long", "write_plot", "PlotError", "SuiteFigures",
-           "LongFigures"]
+__all__ = ["plot_results", "plot_long", "plot_meta", "write_plot", "PlotError",
+           "SuiteFigures", "LongFigures", "MetaFigures"]
 
 
 class SuiteFigures(Protocol):
@@ -42,6 +48,18 @@ class LongFigures(Protocol):
 
     @property
     def summary(self) -> list[dict[str, Any]]: ...
+
+
+class MetaFigures(Protocol):
+    """What :func:`plot_meta` reads (a :class:`loft.bench.meta_results.MetaSuiteResult`)."""
+
+    meta: dict[str, Any]
+
+    @property
+    def summary(self) -> list[dict[str, Any]]: ...
+
+    @property
+    def ratios(self) -> list[dict[str, Any]]: ...
 
 
 class PlotError(RuntimeError):
@@ -69,6 +87,7 @@ _STYLE = {
     "loft-reference": {"color": "tab:cyan", "marker": "s"},
     "per-tensor": {"color": "tab:orange", "marker": "^"},
     "higher": {"color": "tab:red", "marker": "v"},
+    "torchopt": {"color": "tab:green", "marker": "D"},
     "floor": {"color": "gray", "marker": "x", "linestyle": "--"},
 }
 
@@ -116,6 +135,94 @@ def plot_results(result: SuiteFigures, path: str | os.PathLike[str]) -> Path:
     return _save(fig, f"loft.bench: {meta.get('device', 'cpu')}, {meta.get('threads')} "
                       f"thread(s), torch {meta.get('torch')}, {meta.get('date', '')}",
                  10, 0.98, path)
+
+
+_META_ORDER = ("loft", "higher", "torchopt", "functional_call", "floor")
+_META_COLORS = {"loft": "tab:blue", "higher": "tab:red", "torchopt": "tab:green",
+                "functional_call": "tab:orange", "floor": "gray"}
+_META_PARTS = (("inner_s", "inner loop", 1.0), ("meta_backward_s", "meta-backward", 0.6),
+               ("rest", "rest (context, query forward, meta step)", 0.25))
+
+
+def plot_meta(result: MetaFigures, path: str | os.PathLike[str]) -> Path:
+    """Draw the real workloads' medians into the PNG file ``path`` (Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    summary = result.summary
+    ratios = {(r["workload"], r["optimizer"], r["metric"], r["versus"]): r["value"]
+              for r in result.ratios}
+    groups = list(dict.fromkeys((row["workload"], row["optimizer"]) for row in summary
+                                if row["optimizer"] != "none"))
+    if not groups:
+        groups = list(dict.fromkeys((row["workload"], "none") for row in summary))
+    columns = min(3, max(len(groups), 1))
+    rows_n = (len(groups) + columns - 1) // columns or 1
+    fig, axes = plt.subplots(rows_n, columns, figsize=(5.2 * columns, 3.9 * rows_n),
+                             squeeze=False)
+    for ax in axes.flat[len(groups):]:
+        ax.set_visible(False)
+    for ax, (name, optimizer) in zip(axes.flat, groups):
+        by_impl = {row["implementation"]: row for row in summary if row["workload"] == name
+                   and row["optimizer"] in (optimizer, "none")}
+        context = "entry_s" in next(iter(by_impl.values()))
+        asked = result.meta.get("implementations", [])
+        # A peer that was measured but cannot run this workload (torchopt: Meta-SGD) gets
+        # an empty slot marked n/a; the context workload has no such slots.
+        impls = [i for i in _META_ORDER if i in by_impl or (i in asked and not context)]
+        key = "entry_s" if context else "iteration_s"
+        for x, impl in enumerate(impls):
+            row = by_impl.get(impl)
+            color = _META_COLORS[impl]
+            if row is None:
+                ax.annotate("n/a", (x, 0), textcoords="offset points", xytext=(0, 3),
+                            ha="center", fontsize=8, color=color)
+                continue
+            total = row[key] * 1e3
+            if context:
+                ax.bar(x, total, color=color)
+            else:
+                bottom = 0.0
+                rest = max(row["iteration_s"] - row["inner_s"] - row["meta_backward_s"], 0.0)
+                for part, _, alpha in _META_PARTS:
+                    height = (rest if part == "rest" else row[part]) * 1e3
+                    ax.bar(x, height, bottom=bottom, color=color, alpha=alpha,
+                           edgecolor=color)
+                    bottom += height
+            lo, hi = (v * 1e3 for v in row[key + "_spread"])
+            ax.errorbar(x, total, yerr=[[max(total - lo, 0.0)], [max(hi - total, 0.0)]],
+                        color="black", capsize=3, linewidth=1)
+            ratio = ratios.get((name, optimizer, key, impl))
+            if ratio is not None:
+                label = (f"loft is\n{ratio:.2f}x this" if impl == "floor" else
+                         f"loft {ratio:.2f}x\nfaster" if ratio >= 1 else
+                         f"loft {1 / ratio:.2f}x\nslower")
+                ax.annotate(label, (x, max(hi, total)), textcoords="offset points",
+                            xytext=(0, 3), ha="center", fontsize=7)
+        ax.set_xticks(range(len(impls)))
+        ax.set_xticklabels(["clone" if context and i == "floor" else i for i in impls],
+                           rotation=20, fontsize=8)
+        ax.set_ylabel("ms per entry" if context else "ms per meta-iteration")
+        ax.set_ylim(top=ax.get_ylim()[1] * 1.18)
+        title = name if context else f"{name} / {optimizer}"
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, axis="y", alpha=0.3)
+    handles = [Patch(color="tab:blue", alpha=alpha, label=label)
+               for _, label, alpha in _META_PARTS]
+    fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    meta = result.meta
+    title = (f"loft.bench, real workloads: {meta.get('device', 'cpu')}, {meta.get('threads')} "
+             f"thread(s), torch {meta.get('torch')}, median of {meta.get('rounds')} round(s) "
+             f"(bars: lowest..highest round), {meta.get('date', '')}")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0.05, 1, 0.95))
+    out = Path(path)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
 
 
 _LONG_STYLE = {
