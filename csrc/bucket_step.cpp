@@ -90,16 +90,53 @@ bool copyable(const std::vector<at::Tensor>& parts, const at::Tensor& like) {
   return true;
 }
 
+/// Scratch buffers for the flat inputs a kernel reads and nobody keeps (the gradients,
+/// the upstream gradients), per thread, CPU only: a new buffer of a large bucket is new
+/// memory each step, and on the CPU touching new pages (about 1 us per 4 kB) costs more
+/// than the copy. A buffer is taken out while in use and handed back after the kernel.
+class ScratchPool {
+ public:
+  static at::Tensor take(int64_t numel, const at::TensorOptions& options) {
+    auto& pool = buffers();
+    for (auto it = pool.begin(); it != pool.end(); ++it) {
+      if (it->numel() == numel && it->scalar_type() == options.dtype().toScalarType()) {
+        at::Tensor t = std::move(*it);
+        pool.erase(it);
+        return t;
+      }
+    }
+    return at::empty({numel}, options);
+  }
+  /// Hands `t` back if it came from take() and nothing else holds it now.
+  static void give_back(at::Tensor t) {
+    if (!t.defined() || t.use_count() != 1 || t.storage().use_count() != 1 ||
+        !t.device().is_cpu()) {
+      return;
+    }
+    auto& pool = buffers();
+    if (pool.size() >= kKept) pool.erase(pool.begin());
+    pool.push_back(std::move(t));
+  }
+
+ private:
+  static constexpr size_t kKept = 4;
+  static std::vector<at::Tensor>& buffers() {
+    thread_local std::vector<at::Tensor> pool;
+    return pool;
+  }
+};
+
 /// One flat buffer of `parts` (undefined: zeros of numels[i]) in the dtype and device of
 /// `like`; differentiable under grad mode. On the CPU outside grad mode, one allocation
-/// and a memcpy per part (no op per part).
+/// (a ScratchPool buffer with `scratch`: the caller hands it back) and a memcpy per part.
 at::Tensor flatten(const std::vector<at::Tensor>& parts, const std::vector<int64_t>& numels,
-                   const at::Tensor& like) {
+                   const at::Tensor& like, bool scratch = false) {
   if (parts.empty()) return like.new_empty({0});
   if (copyable(parts, like)) {
     int64_t total = 0;
     for (int64_t n : numels) total += n;
-    at::Tensor flat = at::empty({total}, like.options());
+    at::Tensor flat = scratch ? ScratchPool::take(total, like.options())
+                              : at::empty({total}, like.options());
     char* out = static_cast<char*>(flat.data_ptr());
     const size_t item = flat.element_size();
     for (size_t i = 0; i < parts.size(); ++i) {
@@ -281,7 +318,7 @@ class BucketStep : public torch::autograd::Function<BucketStep> {
     const at::Tensor& flags = inputs[l.flags_at()];
 
     const at::Tensor params = meta.base.defined() ? meta.base : flatten(views, numels, views[0]);
-    const at::Tensor flat_grads = flatten(grads, numels, params);
+    at::Tensor flat_grads = flatten(grads, numels, params, /*scratch=*/true);
     std::vector<c10::IValue> stack;
     stack.reserve(16);
     push_inputs(stack, params, flat_grads, state, segments, hyper, flags);
@@ -291,6 +328,7 @@ class BucketStep : public torch::autograd::Function<BucketStep> {
       at::AutoDispatchBelowAutograd below;
       outs = call(handle(l.kind), std::move(stack));
     }
+    ScratchPool::give_back(std::move(flat_grads));
 
     // Hyperparameter gradients (group or per element) read the buffers' values.
     bool values_saved = !kind.linear;
@@ -372,7 +410,7 @@ class BucketStep : public torch::autograd::Function<BucketStep> {
         // reaches the views and the per-tensor gradients.
         params = flatten(views, numels, params);
       }
-      flat_grads = flatten(grads, numels, params);
+      flat_grads = flatten(grads, numels, params, /*scratch=*/!differentiable);
       for (int64_t k = 0; k < l.hyper; ++k) {
         if (needs[l.hyper_at() + k]) mask |= int64_t{1} << k;
       }
@@ -387,7 +425,7 @@ class BucketStep : public torch::autograd::Function<BucketStep> {
     const at::Tensor empty = any->new_empty({0});
     bool any_view = false;
     for (const auto& g : up_views) any_view = any_view || g.defined();
-    const at::Tensor up_params = any_view ? flatten(up_views, numels, *any) : empty;
+    at::Tensor up_params = any_view ? flatten(up_views, numels, *any, !differentiable) : empty;
     std::vector<at::Tensor> up_state;
     for (const auto& g : up_state_in) up_state.push_back(g.defined() ? g.contiguous() : empty);
 
@@ -425,6 +463,16 @@ class BucketStep : public torch::autograd::Function<BucketStep> {
       push_elementwise(stack, elementwise);
       at::AutoDispatchBelowAutograd below;
       grads_out = call(handle(kKinds.size() + l.kind), std::move(stack));
+    }
+    // The scratch inputs go back to the pool (the stand-ins of a linear step are views of
+    // up_params' memory only through these names, released here first).
+    if (!differentiable) {
+      if (!d.values_saved) {
+        params = flat_grads = at::Tensor();
+        state.clear();
+      }
+      ScratchPool::give_back(std::move(flat_grads));
+      ScratchPool::give_back(std::move(up_params));
     }
 
     // grads_out: params, grads, state..., hyper..., elementwise (2).

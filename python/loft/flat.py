@@ -339,13 +339,19 @@ def hyper_tensor(values: Sequence[float | Tensor], dtype: torch.dtype,
     """A ``[G]`` tensor of one hyperparameter over the groups (differentiable in tensors)."""
     if not any(isinstance(v, Tensor) for v in values):
         return torch.tensor([float(v) for v in values], dtype=dtype, device=device)
-    parts = []
+    parts: list[Tensor] = []
+    numbers: list[float] = []  # the run of numbers since the last tensor: one tensor each run
     for v in values:
         if isinstance(v, Tensor):
             if v.numel() != 1:
                 raise ValueError(f"a tensor hyperparameter must hold one value, got shape "
                                  f"{list(v.shape)}")
-            parts.append(v.reshape(()).to(device=device, dtype=dtype))
+            if numbers:
+                parts.append(torch.tensor(numbers, dtype=dtype, device=device))
+                numbers = []
+            parts.append(v.reshape(1).to(device=device, dtype=dtype))
         else:
-            parts.append(torch.tensor(float(v), dtype=dtype, device=device))
-    return torch.stack(parts)
+            numbers.append(float(v))
+    if numbers:
+        parts.append(torch.tensor(numbers, dtype=dtype, device=device))
+    return torch.cat(parts) if len(parts) > 1 else parts[0]

@@ -10,6 +10,7 @@ flat state (:mod:`loft.optim.higher_state`).
 from __future__ import annotations
 
 import copy
+import operator
 import weakref
 from typing import Any
 
@@ -67,8 +68,9 @@ class FlatOptimizer(DifferentiableOptimizer):
         self._flat: FlatState | None = None
         super().__init__(*args, **kwargs)
         self._hyper = self._new_hyper_reader()
-        #: :meth:`_step_settings`' last result: ``(settings key, flags, per bucket)``.
-        self._settings: tuple[tuple[Any, ...], list[int], list[Hyper]] | None = None
+        #: :meth:`_step_settings`' last result: ``(identity key, flags, per bucket)``.
+        self._settings: tuple[Any, list[int], list[Hyper]] | None = None
+        self._optional_for: tuple[list[int], bool] | None = None
 
     def _new_hyper_reader(self) -> HyperReader:
         # The fused ops take float64 [G] hyperparameters for any bucket: they then form
@@ -289,14 +291,14 @@ class FlatOptimizer(DifferentiableOptimizer):
         with _GradMode(self._track_higher_grads):
             flat = self.sync_flat_state(params)
             flags, settings = self._step_settings(flat)
+            needs_optional = bool(self._optional_state) and self._needs_optional_cached(flags)
             for k, b in enumerate(flat.buckets):
                 active = [grads[i] is not None for i in b.indices]
                 if not any(active):
                     continue
                 hyper, flag_tensor, elementwise = settings[k]
                 state = flat.buffers[k]
-                if self._optional_state and state[self._optional_state].numel() == 0 and \
-                        self._needs_optional(flags) and b.numel > 0:
+                if needs_optional and state[self._optional_state].numel() == 0 and b.numel > 0:
                     state[self._optional_state] = torch.zeros(b.numel, dtype=b.dtype,
                                                               device=b.device)
                     if self._first_step_only:
@@ -374,13 +376,13 @@ class FlatOptimizer(DifferentiableOptimizer):
     def _step_settings(self, flat: FlatState) -> tuple[list[int], list[Hyper]]:
         """The groups' flags and each bucket's hyperparameter tensors for this step
         (:meth:`HyperReader.for_bucket`); reused while the param groups hold the same
-        numbers and the same tensors, unchanged (:func:`_settings_key`)."""
+        numbers and the same tensors, unchanged (:func:`_same_settings`)."""
+        cached = self._settings
+        if cached is not None and len(cached[2]) == len(flat.buckets) and _same_settings(
+                self.param_groups, cached[0]):
+            return cached[1], cached[2]
         found_key = _settings_key(self.param_groups)
         key, numbers = found_key if found_key is not None else ((), False)
-        cached = self._settings
-        if found_key is not None and cached is not None and len(cached[2]) == len(
-                flat.buckets) and _same_settings(cached[0], key):
-            return cached[1], cached[2]
         # Another optimiser of this class over the same buckets (the inner loop of the
         # previous task) may have made them: the buckets keep them (numbers only: a
         # tensor's graph belongs to one inner loop).
@@ -396,8 +398,17 @@ class FlatOptimizer(DifferentiableOptimizer):
             if shared is not None:
                 for b, setting in zip(flat.buckets, settings):
                     b.keep_settings(shared, (flags, setting))
-        self._settings = None if found_key is None else (key, flags, settings)
+        self._settings = None if found_key is None else (
+            _identity_key(self.param_groups), flags, settings)
         return flags, settings
+
+    def _needs_optional_cached(self, flags: list[int]) -> bool:
+        """:meth:`_needs_optional` of ``flags``, remembered for the same list (the settings'
+        flags are reused while the groups are unchanged)."""
+        last = self._optional_for
+        if last is None or last[0] is not flags:
+            last = self._optional_for = (flags, self._needs_optional(flags))
+        return last[1]
 
     def _returns_own_views(self) -> bool:
         return uses_flat_engine(type(self))
@@ -492,21 +503,26 @@ def _settings_key(groups: list[dict[str, Any]]) -> tuple[tuple[Any, ...], bool] 
     return tuple(key), numbers
 
 
-def _same_settings(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
-    """Whether two :func:`_settings_key` keys are equal (tensors by identity and version)."""
-    if len(a) != len(b):
+def _identity_key(groups: list[dict[str, Any]]) -> tuple[list[tuple[Any, ...]],
+                                                          list[tuple[Tensor, int]]]:
+    """Each group's values (held, so their ids stay theirs) and each tensor value with its
+    version: what :func:`_same_settings` compares a later step's groups with."""
+    values = [tuple(group.values()) for group in groups]
+    tensors = [(v, v._version) for vs in values for v in vs if isinstance(v, Tensor)]
+    return values, tensors
+
+
+def _same_settings(groups: list[dict[str, Any]],
+                   key: tuple[list[tuple[Any, ...]], list[tuple[Tensor, int]]]) -> bool:
+    """Whether ``groups`` hold the very objects :func:`_identity_key` recorded, the tensors
+    unchanged in place (a value replaced by an equal one is a miss, never a wrong hit)."""
+    values, tensors = key
+    if len(values) != len(groups):
         return False
-    for x, y in zip(a, b):
-        if x is y:
-            continue
-        if x is None or y is None or len(x) != len(y) or x[0] != y[0]:
+    for group, recorded in zip(groups, values):
+        if len(group) != len(recorded) or not all(map(operator.is_, group.values(), recorded)):
             return False
-        if len(x) == 3:  # a tensor: (name, tensor, version)
-            if x[1] is not y[1] or x[2] != y[2]:
-                return False
-        elif type(x[1]) is not type(y[1]) or x[1] != y[1]:
-            return False
-    return True
+    return all(t._version == version for t, version in tensors)
 
 
 #: The types of a setting that is compared by value (a tensor may change in place).

@@ -29,10 +29,9 @@ def is_per_element(value: Any) -> bool:
 
 def broadcasts_to(shape: torch.Size, target: torch.Size) -> bool:
     """Whether a tensor of ``shape`` broadcasts to ``target`` (and only to it)."""
-    try:
-        return torch.broadcast_shapes(shape, target) == target
-    except RuntimeError:
+    if len(shape) > len(target):
         return False
+    return all(s == t or s == 1 for s, t in zip(reversed(shape), reversed(target)))
 
 
 def check_broadcast(where: str, index: int, value: Tensor, shape: torch.Size) -> None:
@@ -90,14 +89,16 @@ class HyperReader:
         grad); all-number settings are kept until they change.
         """
         values = {name: [h[name] for h in per_group] for name in self.names}
-        numbers = not any(isinstance(v, Tensor) for vs in values.values() for v in vs)
-        key = (b.device, b.dtype, tuple(flags),
-               tuple(tuple(vs) for vs in values.values())) if numbers else None
+        tensors = {name for name, vs in values.items() if any(isinstance(v, Tensor) for v in vs)}
+        key = None if tensors else (b.device, b.dtype, tuple(flags),
+                                    tuple(tuple(vs) for vs in values.values()))
         if key is not None and key in self._group_cache:
             return (*self._group_cache[key], {})
-        per_element = [name for name, vs in values.items() if any(map(is_per_element, vs))]
-        hyper = {name: hyper_tensor([0.0 if is_per_element(v) else v for v in vs],
-                                    self.dtype(b.dtype), b.device)
+        per_element = [name for name in tensors if any(map(is_per_element, values[name]))]
+        dtype = self.dtype(b.dtype)
+        hyper = {name: hyper_tensor([0.0 if is_per_element(v) else v for v in vs], dtype,
+                                    b.device) if name in per_element else
+                 hyper_tensor(vs, dtype, b.device)
                  for name, vs in values.items()}
         flag_tensor = torch.tensor(flags, dtype=torch.int64, device=b.device)
         if key is not None:
@@ -144,11 +145,14 @@ class HyperReader:
             g, j = self.position[i]
             v, shape = group_values[g], b.shapes[pos]
             if is_per_element(v):
-                check_broadcast(f"param_groups[{g}][{self.key(name)!r}]", j, v, shape)
-                parts.append(v.to(device=b.device, dtype=dtype).broadcast_to(shape).reshape(-1))
+                if v.shape != shape:
+                    check_broadcast(f"param_groups[{g}][{self.key(name)!r}]", j, v, shape)
+                    v = v.broadcast_to(shape)
+                parts.append(v.to(device=b.device, dtype=dtype).reshape(-1))
+            elif isinstance(v, Tensor):
+                parts.append(scalar_tensor(v, dtype, b.device).reshape(1).expand(b.numels[pos]))
             else:
-                scalar = scalar_tensor(v, dtype, b.device)
-                parts.append(scalar.reshape(1).expand(b.numels[pos]))
+                parts.append(torch.full((b.numels[pos],), float(v), dtype=dtype, device=b.device))
         flat = torch.cat(parts) if parts else torch.empty(0, dtype=dtype, device=b.device)
         self._elementwise_cache[(id(b), name)] = (key, flat)
         return flat
