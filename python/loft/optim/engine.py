@@ -68,8 +68,9 @@ class FlatOptimizer(DifferentiableOptimizer):
         self._flat: FlatState | None = None
         super().__init__(*args, **kwargs)
         self._hyper = self._new_hyper_reader()
-        #: :meth:`_step_settings`' last result: ``(identity key, flags, per bucket)``.
-        self._settings: tuple[Any, list[int], list[Hyper]] | None = None
+        #: :meth:`_step_settings`' last result: ``(identity key, flags, per bucket, grad
+        #: mode)``.
+        self._settings: tuple[Any, list[int], list[Hyper], bool] | None = None
         self._optional_for: tuple[list[int], bool] | None = None
 
     def _new_hyper_reader(self) -> HyperReader:
@@ -378,8 +379,9 @@ class FlatOptimizer(DifferentiableOptimizer):
         (:meth:`HyperReader.for_bucket`); reused while the param groups hold the same
         numbers and the same tensors, unchanged (:func:`_same_settings`)."""
         cached = self._settings
-        if cached is not None and len(cached[2]) == len(flat.buckets) and _same_settings(
-                self.param_groups, cached[0]):
+        grad_mode = torch.is_grad_enabled()  # a tensor's graph is made under it, or not
+        if cached is not None and cached[3] == grad_mode and len(cached[2]) == len(
+                flat.buckets) and _same_settings(self.param_groups, cached[0]):
             return cached[1], cached[2]
         found_key = _settings_key(self.param_groups)
         key, numbers = found_key if found_key is not None else ((), False)
@@ -399,7 +401,7 @@ class FlatOptimizer(DifferentiableOptimizer):
                 for b, setting in zip(flat.buckets, settings):
                     b.keep_settings(shared, (flags, setting))
         self._settings = None if found_key is None else (
-            _identity_key(self.param_groups), flags, settings)
+            _identity_key(self.param_groups), flags, settings, grad_mode)
         return flags, settings
 
     def _needs_optional_cached(self, flags: list[int]) -> bool:
