@@ -27,6 +27,24 @@ _GradCallback = Callable[[list[Tensor | None]], Sequence[Tensor | None]]
 _Override = dict[str, Sequence[Any]]
 
 
+def _gradients(loss: Tensor, inputs: list[Tensor], create_graph: bool
+               ) -> Sequence[Tensor | None]:
+    """``torch.autograd.grad(loss, inputs, create_graph=create_graph, allow_unused=True)``
+    for a one-element ``loss``: the autograd engine called directly where that is what
+    ``grad`` would do (a plain tensor, no functorch transform), without its Python
+    argument handling (a cost every step pays on small models)."""
+    if _ENGINE is None or type(loss) is not Tensor or \
+            torch._C._are_functorch_transforms_active():
+        return torch.autograd.grad(loss, inputs, create_graph=create_graph, allow_unused=True)
+    return _ENGINE.run_backward((loss,), (torch.ones_like(loss),), create_graph, create_graph,
+                                tuple(inputs), True, False)
+
+
+#: The autograd engine ``torch.autograd.grad`` runs (``None``: not found in this torch).
+_ENGINE = getattr(getattr(torch.autograd, "variable", None), "Variable", None)
+_ENGINE = getattr(_ENGINE, "_execution_engine", None)
+
+
 def _check_loss(loss: Any) -> None:
     """``step``'s loss: a tensor with one element that requires grad."""
     if not isinstance(loss, Tensor):
@@ -240,10 +258,8 @@ class DifferentiableOptimizer:
             )
         self._check_params(params)
         targets = [p if p.requires_grad else torch.tensor([], requires_grad=True) for p in params]
-        all_grads: Sequence[Tensor | None] = torch.autograd.grad(
-            loss, targets, create_graph=self._track_higher_grads and not self._first_order,
-            allow_unused=True
-        )
+        all_grads = _gradients(loss, targets,
+                               self._track_higher_grads and not self._first_order)
         if not any(g is not None and p.requires_grad and self._group_of[i] is not None
                    for i, (g, p) in enumerate(zip(all_grads, params))):
             raise RuntimeError(

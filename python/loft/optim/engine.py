@@ -66,6 +66,8 @@ class FlatOptimizer(DifferentiableOptimizer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         #: The flat state, made at the first step (``None`` until then).
         self._flat: FlatState | None = None
+        #: ``(class, uses_flat_engine(class))`` for the class this optimiser has now.
+        self._engine_for: tuple[type, bool] = (type(self), uses_flat_engine(type(self)))
         super().__init__(*args, **kwargs)
         self._hyper = self._new_hyper_reader()
         #: :meth:`_step_settings`' last result: ``(identity key, flags, per bucket, grad
@@ -284,17 +286,22 @@ class FlatOptimizer(DifferentiableOptimizer):
 
     def _new_weights(self, params: list[Tensor], grads: list[Tensor | None]) -> list[Tensor]:
         """The new fast weights: one step per bucket (``step`` has checked the shapes)."""
-        if not uses_flat_engine(type(self)):
+        if not self._runs_flat_engine():
             # A subclass written for higher: the per-tensor _update, as higher runs it.
             return DifferentiableOptimizer._new_weights(self, params, grads)
         new_params = list(params)
         op = self._op
-        with _GradMode(self._track_higher_grads):
-            flat = self.sync_flat_state(params)
+        track = self._track_higher_grads
+        with _GradMode(track):
+            flat = self._flat
+            if flat is None or self._mirror.needs_import():
+                flat = self.sync_flat_state(params)
             flags, settings = self._step_settings(flat)
             needs_optional = bool(self._optional_state) and self._needs_optional_cached(flags)
             for k, b in enumerate(flat.buckets):
-                active = [grads[i] is not None for i in b.indices]
+                indices = b.indices
+                grads_in = [grads[i] for i in indices]
+                active = [g is not None for g in grads_in]
                 if not any(active):
                     continue
                 hyper, flag_tensor, elementwise = settings[k]
@@ -306,13 +313,16 @@ class FlatOptimizer(DifferentiableOptimizer):
                         # SGD: a tensor without a momentum buffer starts it (b' = g2).
                         for i in b.indices:
                             flat.steps[i] = 0
-                steps = [min(flat.steps[i], 1) if self._first_step_only else flat.steps[i]
-                         for i in b.indices]
+                all_steps = flat.steps
+                steps = [min(all_steps[i], 1) for i in indices] if self._first_step_only else [
+                    all_steps[i] for i in indices]
                 segments = b.segments(steps, active)
-                base = flat.weights[k] if flat.intact(k, params) else None
-                views_in = [params[i] for i in b.indices]
-                grads_in = [grads[i] for i in b.indices]
-                if op is not None and all(n in ELEMENTWISE_HYPER for n in elementwise):
+                views_in = [params[i] for i in indices]
+                last = flat.last_views
+                base = flat.weights[k] if all(
+                    map(operator.is_, views_in, [last[i] for i in indices])) else None
+                if op is not None and (not elementwise or all(
+                        n in ELEMENTWISE_HYPER for n in elementwise)):
                     state_in = [state[n] for n in op.state]
                     hyper_in = [hyper[n] for n in op.hyper]
                     kernel_elementwise = _kernel_elementwise(elementwise)
@@ -344,25 +354,26 @@ class FlatOptimizer(DifferentiableOptimizer):
                     views = b.views(p_new)
                 base = views[0]._base
                 assert base is not None and base.numel() == b.numel, "views of one flat buffer"
-                if not self._track_higher_grads:
+                if not track:
                     base = base.detach()
                     views = b.plain_views(base)
                     state_new = {n: t.detach() for n, t in state_new.items()}
                 flat.weights[k] = base
                 flat.buffers[k] = state_new
-                for j, i in enumerate(b.indices):
+                has_state = flat.has_state
+                for j, i in enumerate(indices):
                     if active[j]:
-                        flat.steps[i] += 1
-                        flat.has_state[i] = True
+                        all_steps[i] += 1
+                        has_state[i] = True
                     # Every tensor of the bucket becomes a view of the new buffer (an
                     # inactive one passes through unchanged); a frozen one stays frozen.
                     view = views[j]
-                    if not self._track_higher_grads:
+                    if not track:
                         view = view.requires_grad_(params[i].requires_grad)
-                    elif not params[i].requires_grad:
+                    elif not views_in[j].requires_grad:
                         view = view.detach()
                     new_params[i] = view
-        if not self._track_higher_grads:
+        if not track:
             # Test mode, as higher: every parameter of a group comes back detached, also
             # one that got no gradient (it may still hang on the initial weights' graph).
             for group_indices in self._group_to_param_list:
@@ -413,10 +424,17 @@ class FlatOptimizer(DifferentiableOptimizer):
         return last[1]
 
     def _returns_own_views(self) -> bool:
-        return uses_flat_engine(type(self))
+        return self._runs_flat_engine()
 
     def _reads_fixed_keys(self) -> bool:
-        return uses_flat_engine(type(self))
+        return self._runs_flat_engine()
+
+    def _runs_flat_engine(self) -> bool:
+        """``uses_flat_engine(type(self))``, remembered for the class this object has."""
+        engine = self._engine_for
+        if engine[0] is not type(self):
+            engine = self._engine_for = (type(self), uses_flat_engine(type(self)))
+        return engine[1]
 
     def _detach_params(self, params: list[Tensor]) -> list[Tensor]:
         flat = self._flat
