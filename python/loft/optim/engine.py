@@ -201,7 +201,13 @@ class FlatOptimizer(DifferentiableOptimizer):
         assert flat is not None
         structure = self._mirror.structure
         values: list[dict[str, Any]] = [{} for _ in range(self._num_params)]
-        for g, mapping in enumerate(self._group_to_param_list):
+        groups = self._group_to_param_list
+        if not any(structure):
+            # No state at all (a fresh torch optimizer, or a program that cleared it).
+            n = self._num_params
+            flat.steps[:], flat.has_state[:], flat.step_dtypes[:] = [0] * n, [False] * n, [None] * n
+            groups = []
+        for g, mapping in enumerate(groups):
             group_state = structure[g] if g < len(structure) else {}
             for j, i in enumerate(mapping):
                 entry = group_state.get(j)  # .get: a defaultdict must not grow here
