@@ -241,7 +241,7 @@ void push_elementwise(std::vector<c10::IValue>& stack, const std::vector<at::Ten
   }
 }
 
-std::vector<at::Tensor> slice(const variable_list& v, int64_t at, int64_t n) {
+std::vector<at::Tensor> slice(at::TensorList v, int64_t at, int64_t n) {
   return std::vector<at::Tensor>(v.begin() + at, v.begin() + at + n);
 }
 
@@ -299,7 +299,7 @@ class BucketStep : public torch::autograd::Function<BucketStep> {
   static variable_list forward(AutogradContext* ctx, const Meta& meta, at::TensorList inputs) {
     const Layout& l = meta.layout;
     const OpKind& kind = kKinds.at(l.kind);
-    const std::vector<at::Tensor> views(inputs.begin(), inputs.begin() + l.s);
+    const auto views = slice(inputs, 0, l.s);
     std::vector<std::vector<int64_t>> shapes;
     shapes.reserve(l.s);
     for (const auto& v : views) shapes.push_back(v.sizes().vec());
@@ -308,12 +308,9 @@ class BucketStep : public torch::autograd::Function<BucketStep> {
     for (int64_t i = 0, k = l.grads_at(); i < l.s; ++i) {
       if (meta.present[i]) grads[i] = inputs[k++];
     }
-    const auto state = std::vector<at::Tensor>(inputs.begin() + l.state_at(),
-                                               inputs.begin() + l.hyper_at());
-    const auto hyper = std::vector<at::Tensor>(inputs.begin() + l.hyper_at(),
-                                               inputs.begin() + l.elementwise_at());
-    const auto elementwise = std::vector<at::Tensor>(inputs.begin() + l.elementwise_at(),
-                                                     inputs.begin() + l.segments_at());
+    const auto state = slice(inputs, l.state_at(), l.state);
+    const auto hyper = slice(inputs, l.hyper_at(), l.hyper);
+    const auto elementwise = slice(inputs, l.elementwise_at(), l.elementwise);
     const at::Tensor& segments = inputs[l.segments_at()];
     const at::Tensor& flags = inputs[l.flags_at()];
 
@@ -353,13 +350,7 @@ class BucketStep : public torch::autograd::Function<BucketStep> {
     }
     ctx->set_materialize_grads(false);
 
-    variable_list result;
-    result.reserve(l.s + outs.size() - 1);
-    int64_t offset = 0;
-    for (int64_t i = 0; i < l.s; ++i) {
-      result.push_back(part_of(outs[0], offset, shapes[i], numels[i]));
-      offset += numels[i];
-    }
+    variable_list result = cut(outs[0], shapes, std::vector<bool>(l.s, true));
     result.insert(result.end(), outs.begin() + 1, outs.end());
     return result;
   }

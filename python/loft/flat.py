@@ -9,6 +9,7 @@ buffer at step *t*. The **segment table** has one row per parameter tensor:
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -247,8 +248,8 @@ class FlatState:
     def intact(self, k: int, params: Sequence[Tensor]) -> bool:
         """Whether bucket ``k``'s ``params`` are the views the last step returned (so its
         flat weights can be handed to the kernel as they are)."""
-        last = self.last_views
-        return all(params[i] is last[i] for i in self.buckets[k].indices)
+        last, indices = self.last_views, self.buckets[k].indices
+        return all(map(operator.is_, [params[i] for i in indices], [last[i] for i in indices]))
 
     def snapshot(self) -> FlatState:
         """A copy of the lists and dicts (the tensors are shared): :meth:`restore` returns to it."""

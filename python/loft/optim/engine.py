@@ -324,9 +324,7 @@ class FlatOptimizer(DifferentiableOptimizer):
                     all_steps[i] for i in indices]
                 segments = b.segments(steps, active)
                 views_in = [params[i] for i in indices]
-                last = flat.last_views
-                base = flat.weights[k] if all(
-                    map(operator.is_, views_in, [last[i] for i in indices])) else None
+                base = flat.weights[k] if flat.intact(k, params) else None
                 if op is not None and (not elementwise or all(
                         n in ELEMENTWISE_HYPER for n in elementwise)):
                     state_in = [state[n] for n in op.state]
@@ -505,10 +503,11 @@ def uses_flat_engine(cls: type) -> bool:
 
 
 def _settings_key(groups: list[dict[str, Any]]) -> tuple[tuple[Any, ...], bool] | None:
-    """The param groups' settings (every key but ``params``): ``(key, numbers only)``, or
-    ``None`` for a value of another kind. A tensor enters the key as itself and its
-    version (:func:`_same_settings` compares it by identity: it is the same input of the
-    graph only while it is the same object, unchanged in place)."""
+    """The param groups' settings (every key but ``params``) as ``(key, numbers only)``:
+    the key holds every plain value (numbers, flags, strings, tuples of numbers) with its
+    name, and ``numbers only`` is false where a group holds a tensor (left out of the key:
+    such settings are compared by identity, :func:`_same_settings`). ``None`` for a value
+    of another kind (not cached)."""
     key: list[Any] = []
     numbers = True
     for group in groups:
@@ -520,7 +519,6 @@ def _settings_key(groups: list[dict[str, Any]]) -> tuple[tuple[Any, ...], bool] 
                     continue
                 if isinstance(value, Tensor):
                     numbers = False
-                    key.append((item[0], value, value._version))
                     continue
                 if kind is not tuple or any(type(v) not in _PLAIN for v in value):
                     return None
