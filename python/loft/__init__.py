@@ -61,6 +61,7 @@ def innerloop_ctx(
     override: dict[str, Any] | None = None,
     track_higher_grads: bool = True,
     first_order: bool = False,
+    tasks: int | None = None,
 ) -> Iterator[tuple[patch.FunctionalModule, DifferentiableOptimizer]]:
     """A patched model and its differentiable optimiser (higher's ``innerloop_ctx``).
 
@@ -68,9 +69,16 @@ def innerloop_ctx(
     ``diffopt = get_diff_optim(opt, model.parameters(), fmodel=fmodel, ...)``. Each
     ``diffopt.step(loss)`` appends the new fast weights to ``fmodel``'s history.
     ``first_order=True`` treats the inner gradients as constants (first-order MAML).
+
+    ``tasks=N`` (a loft extension) runs a meta-batch of ``N`` inner loops as one: fast
+    weights and buffers are ``[N, *shape]`` (every task starts from ``model``'s),
+    ``fmodel(x)`` maps ``[N, ...]`` inputs to ``[N, ...]`` outputs, task by task, and
+    ``diffopt.step(losses)`` takes the ``[N]`` per-task losses (or their sum: a mean
+    would scale every task's step by ``1/N``). Meta-gradients sum over the tasks, as
+    ``N`` sequential contexts accumulate them.
     """
     fmodel = monkeypatch(model, device, copy_initial_weights=copy_initial_weights,
-                         track_higher_grads=track_higher_grads)
+                         track_higher_grads=track_higher_grads, tasks=tasks)
     diffopt = get_diff_optim(opt, model.parameters(), fmodel=fmodel, device=device,
                              override=override, track_higher_grads=track_higher_grads,
                              first_order=first_order)

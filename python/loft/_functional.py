@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from loft._batched import batched_call
 from loft._patched_module import _NO_WEIGHTS, _MonkeyPatchBase, _refresh_flat_weights
 from loft._patched_tree import _Patcher, _twin_root
 
@@ -270,10 +271,20 @@ class FunctionalModule(_MonkeyPatchBase):
 
     # ---- forward and module behaviour ----------------------------------------------------
 
+    @property
+    def tasks(self) -> int | None:
+        """The number of tasks batched into this model (``innerloop_ctx(..., tasks=N)``:
+        fast weights and buffers ``[N, ...]``), or ``None`` for one unbatched task."""
+        return self._loft_tasks
+
     def forward(self, *args: Any, params: Iterable[Tensor] | None = None, **kwargs: Any) -> Any:
         """``module(*args, **kwargs)`` on the fast weights; ``params`` given are recorded
-        as the new fast weights first, as higher does."""
+        as the new fast weights first, as higher does. With ``tasks=N`` every tensor
+        argument and the result carry a leading task dimension ``[N, ...]``, and task
+        ``t``'s slice runs on task ``t``'s fast weights and buffers."""
         self._refill_params_box(params)
+        if self._loft_tasks is not None:
+            return batched_call(self, self, args, kwargs)
         state = self.__dict__
         state["_loft_calls"] = self._loft_calls + 1
         try:
@@ -284,6 +295,8 @@ class FunctionalModule(_MonkeyPatchBase):
     def boxed_forward(self, *args: Any, **kwargs: Any) -> Any:
         """higher's ``boxed_forward``: the original forward on the current fast weights."""
         self._refill_params_box(None)
+        if self._loft_tasks is not None:
+            return batched_call(self, self, args, kwargs)
         return self._loft_wrapped.forward(self, *args, **kwargs)
 
     def _refill_params_box(self, params: Iterable[Tensor] | None) -> None:
@@ -320,19 +333,29 @@ class FunctionalModule(_MonkeyPatchBase):
         """The patched module's own buffers (BatchNorm statistics, ...), by name."""
         return nn.Module.named_buffers(self)
 
-    def write_back_buffers(self, module: nn.Module | None = None) -> None:
+    def write_back_buffers(self, module: nn.Module | None = None,
+                           task: int | None = None) -> None:
         """Copy the patched module's buffers into ``module`` (default: the patched one).
 
         higher never writes BatchNorm running statistics back to the original model;
         call this after an inner loop to keep them (for example before evaluation).
+        With ``tasks=N`` the buffers are per task (``[N, ...]``): ``task`` says whose.
         """
+        tasks = self._loft_tasks
+        if tasks is not None and (isinstance(task, bool) or not isinstance(task, int)
+                                  or not 0 <= task < tasks):
+            raise ValueError(f"write_back_buffers: this model batches tasks={tasks}, so "
+                             f"its buffers are per task; pass task= an int in [0, {tasks}) "
+                             f"to say whose to write back, got {task!r}")
+        if tasks is None and task is not None:
+            raise ValueError("write_back_buffers: task= is for a model with tasks=N")
         module = self._loft_source if module is None else module
         targets = dict(module.named_buffers())
         for name, buf in nn.Module.named_buffers(self):
             if name not in targets:
                 raise KeyError(f"write_back_buffers: the module has no buffer named {name!r}")
             with torch.no_grad():
-                targets[name].copy_(buf)
+                targets[name].copy_(buf if task is None else buf[task])
 
     def twin(self) -> FunctionalModule:
         """An independent copy from the latest fast weights, for :func:`loft.unroll`'s replays.
@@ -357,17 +380,20 @@ class FunctionalModule(_MonkeyPatchBase):
 def _build(module: nn.Module, device: torch.device | str | None,
            make_fast: Callable[[Tensor], Tensor] | None,
            track_higher_grads: bool = True,
-           parent_ref: Any = None) -> tuple[FunctionalModule, list[Tensor]]:
+           parent_ref: Any = None, tasks: int | None = None,
+           ) -> tuple[FunctionalModule, list[Tensor]]:
     """Patch ``module``'s tree; returns the root and ``module``'s distinct parameters.
 
     ``make_fast(p)`` gives the initial fast weight of each distinct parameter (``None``:
     the slots hold placeholders until fast weights are set). Buffers are copied to
     ``device`` (higher's ``buffer_sync``). ``parent_ref``: a weak reference to another
     root, which makes the result a patched subtree of that root (without history).
+    ``tasks``: ``make_fast`` gives ``[tasks, *shape]`` weights; the buffers are copied per
+    task too.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"expected an nn.Module to patch, got {type(module).__name__}")
-    patcher = _Patcher(device, make_fast, parent_ref, FunctionalModule)
+    patcher = _Patcher(device, make_fast, parent_ref, FunctionalModule, tasks)
     root = patcher.patch(module, parent_ref is None)
     if parent_ref is not None:
         return root, patcher.originals  # type: ignore[return-value]
@@ -375,7 +401,8 @@ def _build(module: nn.Module, device: torch.device | str | None,
     state["_loft_slots"] = patcher.slots
     state["_loft_inner"] = patcher.inner
     state["_loft_recurrent"] = patcher.recurrent
-    state["_loft_shapes"] = [p.shape for p in patcher.originals]
+    state["_loft_shapes"] = [p.shape if tasks is None else torch.Size((tasks, *p.shape))
+                             for p in patcher.originals]
     state["_fast_params"] = None
     state["_times"] = []
     state["_track_higher_grads"] = track_higher_grads

@@ -16,6 +16,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from loft._batched import batched_call
+
 _NO_WEIGHTS = ("params keyword must be provided if patched module not tracking its own "
                "fast parameters")
 
@@ -76,6 +78,8 @@ class _MonkeyPatchBase(nn.Module):
     _track_higher_grads: bool = True
     #: Calls of the root's forward under way (for ``direct_submodule_call``).
     _loft_calls: int = 0
+    #: The number of tasks batched into the fast weights (``None``: one task, unbatched).
+    _loft_tasks: int | None = None
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
         """Called with arguments, a patched class builds its original class: the
@@ -257,6 +261,11 @@ def _inner_forward(self: _MonkeyPatchBase, *args: Any, params: Iterable[Tensor] 
             root.update_params(params)
         elif root._fast_params is None:
             raise ValueError(_NO_WEIGHTS)
+    if self._loft_tasks is not None:
+        root = self._live_root()
+        if root._loft_calls == 0:  # a direct call: batch it over the tasks
+            root._refill_params_box(None)
+            return batched_call(root, self, args, kwargs)
     return self._loft_wrapped.forward(self, *args, **kwargs)
 
 

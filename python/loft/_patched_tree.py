@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from loft._batched import expand_to_tasks
 from loft._patched_module import (
     _flatten_parameters,
     _inner_forward,
@@ -136,8 +137,9 @@ class _Patcher:
 
     def __init__(self, device: torch.device | str | None,
                  make_fast: Callable[[Tensor], Tensor] | None, root_ref: Any,
-                 root_class: type[_MonkeyPatchBase]) -> None:
+                 root_class: type[_MonkeyPatchBase], tasks: int | None = None) -> None:
         self.device = device
+        self.tasks = tasks
         self.make_fast = make_fast
         self.root_ref = root_ref
         self.root_class = root_class
@@ -177,6 +179,8 @@ class _Patcher:
         state["_buffers"] = self._buffer_copies(source["_buffers"])
         if self.make_fast is None:
             state["_loft_unset"] = True
+        if self.tasks is not None:
+            state["_loft_tasks"] = self.tasks
         if is_root:
             self.root_ref = weakref.ref(patched)
         else:
@@ -215,12 +219,13 @@ class _Patcher:
 
     def _buffer_copies(self, originals: dict[str, Any]) -> dict[str, Any]:
         """A patched module's ``_buffers``: detached copies of the original's, on
-        ``device`` if given (what higher's ``buffer_sync`` makes)."""
-        device = self.device
+        ``device`` if given (what higher's ``buffer_sync`` makes); with ``tasks``, one
+        copy per task (``[tasks, *shape]``)."""
+        device, tasks = self.device, self.tasks
         buffers = {}
         for name, b in originals.items():
             if b is not None:
-                b = b.clone()
+                b = b.clone() if tasks is None else expand_to_tasks(b, tasks)
                 if b.requires_grad:
                     b = b.detach()
                 if device is not None:

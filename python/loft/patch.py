@@ -45,6 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from loft import utils as _utils
+from loft._batched import check_tasks
 
 # The modules this one is split into. Names marked ``noqa: F401`` are not used here: they
 # stay importable from loft.patch (higher's ``_modify_internally``, ``_patched_parameters``,
@@ -179,6 +180,7 @@ def monkeypatch(
     device: torch.device | str | None = None,
     copy_initial_weights: bool = True,
     track_higher_grads: bool = True,
+    tasks: int | None = None,
 ) -> FunctionalModule:
     """A stateless version of ``module`` with its own fast weights (higher's ``monkeypatch``).
 
@@ -190,9 +192,14 @@ def monkeypatch(
             (no meta-gradient reaches ``module``); ``False``: they are differentiable
             clones of ``module``'s parameters, so meta-gradients flow into them.
         track_higher_grads: ``False`` keeps only the latest fast weights (test mode).
+        tasks: ``N`` batches ``N`` tasks into one model (a loft extension): every fast
+            weight and buffer is ``[N, *shape]``, all tasks starting from ``module``'s,
+            and a forward takes and returns a leading task dimension
+            (:attr:`FunctionalModule.tasks`). ``None``: one task, as higher.
     """
     if not isinstance(track_higher_grads, bool):
         raise ValueError(f"Expected boolean argument. Got: {type(track_higher_grads)}.")
+    tasks = check_tasks(tasks)
     if copy_initial_weights:
         def make_fast(p: Tensor) -> Tensor:
             return _utils._copy_tensor(p, True, device)
@@ -202,5 +209,9 @@ def monkeypatch(
     else:
         def make_fast(p: Tensor) -> Tensor:
             return p.clone().to(device)
-    fmodule, _ = _build(module, device, make_fast, track_higher_grads)
+    make_weights = make_fast
+    if tasks is not None:
+        def make_weights(p: Tensor) -> Tensor:  # a copy per task (make_fast's clone)
+            return make_fast(p.unsqueeze(0).expand(tasks, *p.shape))
+    fmodule, _ = _build(module, device, make_weights, track_higher_grads, tasks=tasks)
     return fmodule

@@ -45,10 +45,17 @@ _ENGINE = getattr(getattr(torch.autograd, "variable", None), "Variable", None)
 _ENGINE = getattr(_ENGINE, "_execution_engine", None)
 
 
-def _check_loss(loss: Any) -> None:
-    """``step``'s loss: a tensor with one element that requires grad."""
+def _check_loss(loss: Any, tasks: int | None) -> Tensor:
+    """``step``'s loss: a tensor with one element that requires grad; with ``tasks=N``
+    also the ``[N]`` per-task losses (summed: each task's step sees its own gradient)."""
     if not isinstance(loss, Tensor):
         raise TypeError(f"step: the loss must be a tensor, got {type(loss).__name__}")
+    if tasks is not None and loss.numel() != 1:
+        if loss.shape != (tasks,):
+            raise ValueError(
+                f"step: with tasks={tasks} the loss must be the [{tasks}] per-task losses or "
+                f"their sum (one element), got shape {list(loss.shape)}")
+        loss = loss.sum()
     if loss.numel() != 1:
         raise RuntimeError(
             f"step: the loss must be a scalar (one element), got shape {list(loss.shape)}; "
@@ -60,6 +67,7 @@ def _check_loss(loss: Any) -> None:
             "Compute it from the patched model's output (fmodel(x), not model(x)) or from "
             "the params passed to step, with grad mode enabled."
         )
+    return loss
 
 
 def _check_override_value(name: str, value: Any, current: Any, group: int,
@@ -119,6 +127,9 @@ class DifferentiableOptimizer:
         reference_params = list(reference_params)
         self._first_order = bool(first_order)
         self._fmodel = fmodel
+        #: Tasks batched into ``fmodel`` (``tasks=N``: weights and state ``[N, *shape]``).
+        self._tasks: int | None = getattr(fmodel, "tasks", None)
+        tasks = self._tasks
         self._device = torch.device(device) if device is not None else None
         self._grad_callback = grad_callback
         self._track_higher_grads = bool(track_higher_grads)
@@ -148,15 +159,17 @@ class DifferentiableOptimizer:
             i: (g, j) for g, mapping in enumerate(self._group_to_param_list)
             for j, i in enumerate(mapping)}
         self._reference_shapes: list[torch.Size | None] = [
-            p.shape if g is not None else None for p, g in zip(reference_params, self._group_of)]
+            None if g is None else p.shape if tasks is None else torch.Size((tasks, *p.shape))
+            for p, g in zip(reference_params, self._group_of)]
         # higher's layout, state[group_index][index_in_group] -> dict: the torch
         # optimizer's state, copied (detached, cast to ``device``), as higher copies it.
         structure = new_structure(len(self.param_groups))
         for g, group in enumerate(other.param_groups):
             for j, p in enumerate(group["params"]):
                 if p in other.state:
-                    structure[g][j] = {k: _utils._recursive_copy_and_cast(v, self._device)
-                                       for k, v in other.state[p].items()}
+                    structure[g][j] = {k: _utils._recursive_copy_and_cast(
+                        _per_task(k, v, p, tasks), self._device)
+                        for k, v in other.state[p].items()}
         self._mirror = StateMirror(structure, self._managed_state_keys())
         if override is not None:
             self._apply_override(override)
@@ -241,7 +254,7 @@ class DifferentiableOptimizer:
         """
         if override is not None:
             self._apply_override(override)
-        _check_loss(loss)
+        loss = _check_loss(loss, self._tasks)
         if self._fmodel is None or self._fmodel.fast_params is None:
             if params is None:
                 raise ValueError(
@@ -414,6 +427,15 @@ class DifferentiableOptimizer:
         self._remember(new_params)
         return new_params
 
+
+
+def _per_task(key: str, value: Any, p: Tensor, tasks: int | None) -> Any:
+    """A torch optimizer's state ``value`` for ``p``, repeated for each of ``tasks`` tasks
+    where it is shaped like ``p`` (moments, momentum buffers; not the step count)."""
+    if tasks is None or key == "step" or not isinstance(value, Tensor) or \
+            value.shape != p.shape:
+        return value
+    return value.unsqueeze(0).expand(tasks, *value.shape)
 
 
 def _to_numbers(value: Any) -> Any:
