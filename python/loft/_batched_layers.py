@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["native_forward", "runs_natively"]
+__all__ = ["native_forward", "run_native", "runs_natively"]
 
 #: Layers with no parameters or buffers that act on every element alike.
 _ELEMENTWISE: tuple[type[nn.Module], ...] = (
@@ -59,29 +59,39 @@ def runs_natively(module: nn.Module) -> bool:
     return True
 
 
-def native_forward(root: Any, module: Any) -> Callable[..., Any] | None:
-    """``module``'s forward over the tasks as native batched ops, or ``None`` if some
-    layer under it must run through vmap. (Decided once per patched module.)"""
+def native_forward(module: Any) -> bool:
+    """Whether ``module``'s forward runs as native batched ops (decided once per patched
+    module; otherwise it runs through vmap)."""
     known = module.__dict__.get("_loft_native")
     if known is None:
         known = module.__dict__["_loft_native"] = runs_natively(module)
-    if not known:
-        return None
-    tasks = root._loft_tasks
+    return known
 
-    def forward(*args: Any, **kwargs: Any) -> Tensor:
-        if len(args) != 1 or kwargs or not isinstance(args[0], Tensor):
-            raise TypeError(f"{module._loft_wrapped.__name__}.forward takes one tensor")
-        return _Activation(args[0], tasks).run(module).task_major()
 
-    return forward
+def run_native(module: Any, x: Tensor, tasks: int) -> tuple[Tensor, int]:
+    """``module`` (native) on ``x`` (``[tasks, ...]``), reading the weights and buffers in
+    its slots (``[tasks, ...]``); returns the output and the largest activation per task
+    in bytes."""
+    trace = [0]
+    out = _Activation(x, tasks, trace=trace).run(module).task_major()
+    return out, trace[0] // tasks
 
 
 class _Activation:
     """An activation over all tasks, in whichever layout it was last produced."""
 
-    def __init__(self, value: Tensor, tasks: int, folded: bool = False) -> None:
+    def __init__(self, value: Tensor, tasks: int, folded: bool = False,
+                 trace: list[int] | None = None) -> None:
         self.value, self.tasks, self.folded = value, tasks, folded
+        #: ``[largest activation so far, in bytes]``, shared along the forward.
+        self.trace = [0] if trace is None else trace
+        size = value.numel() * value.element_size()
+        if size > self.trace[0]:
+            self.trace[0] = size
+
+    def then(self, value: Tensor, folded: bool = False) -> _Activation:
+        """The activation a layer made of this one."""
+        return _Activation(value, self.tasks, folded, self.trace)
 
     def task_major(self) -> Tensor:
         """``[N, B, C, ...]``."""
@@ -114,21 +124,18 @@ class _Activation:
                 out = out.run(child)
             return out
         if cls in _ELEMENTWISE:
-            return _Activation(cls.forward(m, self.value), self.tasks, self.folded)
+            return self.then(cls.forward(m, self.value), self.folded)
         if cls is nn.Linear:
-            return _Activation(_linear(m, self.task_major()), self.tasks)
+            return self.then(_linear(m, self.task_major()))
         if cls is nn.Flatten:
-            return _Activation(_flatten(m, self.task_major()), self.tasks)
+            return self.then(_flatten(m, self.task_major()))
         if cls in _CONV:
             conv, dims = _CONV[cls]
-            return _Activation(_conv(m, conv, self.channel_folded(m, (dims,)), self.tasks),
-                               self.tasks, True)
+            return self.then(_conv(m, conv, self.channel_folded(m, (dims,)), self.tasks), True)
         if cls in _BATCHNORM:
-            x = self.channel_folded(m, _BATCHNORM[cls])
-            return _Activation(_batch_norm(m, x), self.tasks, True)
+            return self.then(_batch_norm(m, self.channel_folded(m, _BATCHNORM[cls])), True)
         if cls in _POOL:
-            x = self.channel_folded(m, (_POOL[cls],))
-            return _Activation(cls.forward(m, x), self.tasks, True)
+            return self.then(cls.forward(m, self.channel_folded(m, (_POOL[cls],))), True)
         raise AssertionError(f"{cls.__name__} is not a native batched layer")
 
 
