@@ -110,43 +110,55 @@ CHUNK_BYTES = 16 * 2**20
 
 def _native(root: Any, module: Any, x: Tensor, fast: list[Tensor],
             slots: list[tuple[dict[str, Any], str]], buffers: list[Tensor]) -> Tensor:
-    """``module``'s native batched forward on ``x``, in chunks of tasks on the CPU (the
-    first call for an input shape runs one task alone to measure its activations)."""
+    """``module``'s native batched forward on ``x``, in chunks of tasks on the CPU."""
     tasks = root._loft_tasks
     if x.device.type != "cpu" or tasks == 1:
         return run_native(module, x, tasks)[0]
     sizes = module.__dict__.setdefault("_loft_task_bytes", {})
     key = (tuple(x.shape[1:]), x.dtype)
-    outs: list[Tensor] = []
-    start = 0
-    if key not in sizes:
-        out, sizes[key] = _on_tasks(root, module, x, fast, slots, buffers, 0, 1)
-        outs.append(out)
-        start = 1
-    chunk = max(1, CHUNK_BYTES // max(sizes[key], 1))
-    if start == 0 and chunk >= tasks:
+    per_task = sizes.get(key)
+    if per_task is None:
+        per_task = sizes[key] = _task_bytes(root, module, x, fast, slots, buffers)
+    chunk = max(1, CHUNK_BYTES // max(per_task, 1))
+    if chunk >= tasks:
         return run_native(module, x, tasks)[0]
-    while start < tasks:
-        stop = min(start + chunk, tasks)
-        outs.append(_on_tasks(root, module, x, fast, slots, buffers, start, stop)[0])
-        start = stop
+    outs = []
+    for start in range(0, tasks, chunk):
+        count = min(chunk, tasks - start)
+        outs.append(_on_tasks(root, module, x.narrow(0, start, count),
+                              [w.narrow(0, start, count) for w in fast], slots,
+                              [b.narrow(0, start, count) for b in buffers])[0])
     return torch.cat(outs)
+
+
+def _task_bytes(root: Any, module: Any, x: Tensor, fast: list[Tensor],
+                slots: list[tuple[dict[str, Any], str]], buffers: list[Tensor]) -> int:
+    """The largest activation of one task in bytes, from a run on the meta device (no
+    computation, no random numbers drawn, no buffer changed)."""
+    def meta(t: Tensor) -> Tensor:
+        return t[:1].detach().to("meta")
+
+    with torch.no_grad():
+        return _on_tasks(root, module, meta(x), [meta(w) for w in fast], slots,
+                         [meta(b) for b in buffers])[1]
 
 
 def _on_tasks(root: Any, module: Any, x: Tensor, fast: list[Tensor],
               slots: list[tuple[dict[str, Any], str]], buffers: list[Tensor],
-              start: int, stop: int) -> tuple[Tensor, int]:
-    """:func:`run_native` on tasks ``start .. stop - 1`` alone (their slices of the fast
-    weights and buffers in the slots, restored after)."""
-    root._write([w[start:stop] for w in fast])
+              ) -> tuple[Tensor, int]:
+    """:func:`run_native` on some of the tasks alone: ``x``, ``fast`` and ``buffers`` are
+    their slices, put into the slots for the call (the full ones restored after)."""
+    full_fast = root.fast_params
+    full_buffers = [d[key] for d, key in slots]
+    root._write(fast)
     for (d, key), b in zip(slots, buffers):
-        d[key] = b[start:stop]
+        d[key] = b
     try:
-        return run_native(module, x[start:stop], stop - start)
+        return run_native(module, x, x.shape[0])
     finally:
-        for (d, key), b in zip(slots, buffers):
+        for (d, key), b in zip(slots, full_buffers):
             d[key] = b
-        root._write(fast)
+        root._write(full_fast)
 
 
 def _vmapped(root: Any, forward: Callable[..., Any], module: Any, fast: list[Tensor],

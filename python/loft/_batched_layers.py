@@ -173,7 +173,7 @@ def _batch_norm(m: Any, x: Tensor) -> Tensor:
         counter = buffers.get("num_batches_tracked")
         if counter is not None:
             counter.add_(1)
-            if m.momentum is None:
+            if m.momentum is None and counter.device.type != "meta":
                 factor = 1.0 / float(counter.reshape(-1)[0])
     training = m.training or (running_mean is None and running_var is None)
     track = not m.training or m.track_running_stats
