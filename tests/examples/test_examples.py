@@ -37,6 +37,18 @@ def _figure(stdout: str, label: str) -> float:
     return float(match.group(1))
 
 
+def _figures(stdout: str) -> list[float]:
+    """Every number ``stdout`` prints, but the timing line's (which changes run to run)."""
+    kept = [line for line in stdout.splitlines()
+            if not line.startswith(("time per meta-iteration:", "loft backend:"))]
+    return [float(x) for x in re.findall(r"[-+]?\d+\.\d+(?:[eE][-+]?\d+)?", "\n".join(kept))]
+
+
+def _without_timing(stdout: str) -> str:
+    return "\n".join(line for line in stdout.splitlines()
+                     if not line.startswith("time per meta-iteration:"))
+
+
 def _import_example(name: str) -> ModuleType:
     spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
     assert spec is not None and spec.loader is not None
@@ -71,8 +83,25 @@ def test_maml_sinusoid() -> None:
     # about 0.04, far beyond float noise on any machine).
     assert 0.5 < before < 20 and 0.5 < after < 20
     assert after < before
-    # Seeded: the same command prints the same figures.
-    assert _run("maml_sinusoid.py", *SINUSOID_TINY).stdout == first
+    assert _figure(first, "time per meta-iteration:") > 0
+    assert "(median; one task at a time)" in first
+    # Seeded: the same command prints the same figures (the time aside).
+    assert _without_timing(_run("maml_sinusoid.py", *SINUSOID_TINY).stdout) == \
+        _without_timing(first)
+
+
+def test_maml_sinusoid_batched_gives_the_sequential_figures() -> None:
+    """``--batched`` (one innerloop_ctx(..., tasks=4) per meta-batch) prints the loop over
+    tasks' figures, up to float32 rounding, and its time per meta-iteration."""
+    sequential = _run("maml_sinusoid.py", *SINUSOID_TINY).stdout
+    batched = _run("maml_sinusoid.py", *SINUSOID_TINY, "--batched").stdout
+    assert "(median; batched, tasks=4)" in batched
+    assert _figure(batched, "time per meta-iteration:") > 0
+    assert _figure(batched, "last meta-batch's mean query MSE:") == pytest.approx(
+        _figure(sequential, "last meta-batch's mean query MSE:"), rel=1e-5)
+    expected = _figures(sequential)
+    assert len(expected) >= 3
+    assert _figures(batched) == pytest.approx(expected, rel=1e-3, abs=2e-4)
 
 
 # --------------------------------------------------------------------------- omniglot
@@ -91,6 +120,20 @@ def test_maml_omniglot_synthetic() -> None:
     accuracy = _figure(stdout, "held-out query accuracy after adaptation:")
     assert 0.0 <= accuracy <= 1.0
     assert "(3-way 1-shot, inner steps: 1, chance: 0.3333)" in stdout
+    assert _figure(stdout, "time per meta-iteration:") > 0
+
+
+def test_maml_omniglot_batched_gives_the_sequential_figures() -> None:
+    """``--batched`` (one innerloop_ctx(..., tasks=2) per meta-batch, BatchNorm statistics
+    per task; the evaluation batched too) prints the loop over tasks' losses and
+    accuracies, up to float32 rounding, and its time per meta-iteration."""
+    sequential = _run("maml_omniglot.py", "--synthetic", *OMNIGLOT_TINY).stdout
+    batched = _run("maml_omniglot.py", "--synthetic", *OMNIGLOT_TINY, "--batched").stdout
+    assert "(median; batched, tasks=2)" in batched
+    assert "(median; one task at a time)" in sequential
+    expected = _figures(sequential)
+    assert len(expected) >= 10
+    assert _figures(batched) == pytest.approx(expected, rel=1e-3, abs=2e-4)
 
 
 #: A fake Omniglot: {split: {alphabet: characters}}, DRAWINGS PNGs per character.

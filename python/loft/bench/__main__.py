@@ -16,6 +16,13 @@ What runs: the default runs both; ``--quick`` the real workloads against higher 
 floor (about a minute); naming ``--workloads`` selects the real workloads, naming
 ``--models`` or ``--steps`` the A/B/C suite (both when both are named).
 
+``python -m loft.bench --batched`` runs the real workloads' batched variant: the MAML
+workloads (sinusoid, and omniglot with 16 tasks) with SGD, where ``loft-batched`` runs
+each meta-batch as one ``innerloop_ctx(..., tasks=N)``, against loft's and higher's
+sequential loops and the floor; the report adds its speed-ups and the bytes it saves per
+inner step against N x one task's (``--workloads``, ``--optimizers`` and
+``--implementations`` widen or narrow it; see :mod:`loft.bench.meta_suite`).
+
 ``python -m loft.bench --long`` runs the long-inner-loop suite instead (full unroll,
 checkpointing, truncation and first order on one fixed workload, peak memory and time
 against T): see :mod:`loft.bench.long`.
@@ -45,6 +52,7 @@ from loft.bench.meta_suite import (
     DEFAULT_PEERS,
     DEFAULT_ROUNDS,
     DEFAULT_WORKLOADS,
+    META_BATCHED,
     META_QUICK,
     run_meta_suite,
 )
@@ -96,6 +104,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             "(about a minute)\n"
             "  --workloads ...                  selects the real workloads; --models/--steps "
             "the A B C suite\n"
+            "  python -m loft.bench --batched   loft-batched (innerloop_ctx(..., tasks=N)) vs "
+            "loft, higher:\n"
+            "                                   sinusoid and omniglot (16 tasks), SGD\n"
             "  python -m loft.bench --long      the long-inner-loop suite instead\n"
             "\nreal workloads:\n" + "".join(
                 f"  {name:<10} {spec.description}\n" for name, spec in META_WORKLOADS.items())
@@ -118,8 +129,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              f"workloads keep their published 5 steps")
     parser.add_argument("--implementations", nargs="+", metavar="I",
                         help=f"subset of: {' '.join(ALL_IMPLEMENTATIONS)} (default: every "
-                             f"installed one that runs the suite; --quick: loft higher); "
-                             f"the floor runs unless --no-floor")
+                             f"installed one that runs the suite; --quick, --batched: loft "
+                             f"higher); the floor runs unless --no-floor; --batched adds "
+                             f"loft-batched")
     parser.add_argument("--repeats", type=int,
                         help=f"timed runs per process (real workloads: meta-iterations, "
                              f"default {DEFAULT_META_REPEATS}; A B C: inner loops, default 5; "
@@ -134,6 +146,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="a short run: the real workloads, loft vs higher and the floor, "
                              "2 rounds of 3 meta-iterations (about a minute on 2 cores); with "
                              "--models: T = 50, 3 repeats; with --long: T = 20 40, 1 repeat")
+    parser.add_argument("--batched", action="store_true",
+                        help="the real workloads' batched variant: loft-batched (each "
+                             "meta-batch as one innerloop_ctx(..., tasks=N)) against loft, "
+                             "higher and the floor on sinusoid and omniglot (16 tasks) with "
+                             "SGD, plus its saved bytes per inner step against N x one "
+                             "task's; --workloads/--optimizers/--implementations override "
+                             "those defaults")
     parser.add_argument("--long", action="store_true",
                         help="the long-inner-loop suite instead: 8 x Linear(128,128)"
                              "+ReLU, Adam, batch 32, on cpu; full unroll vs "
@@ -178,15 +197,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error(f"--workloads: unknown {name!r}; choose from {workloads}")
     if args.long:
         _check_long_args(parser, args)
-    elif args.workloads is not None and args.device != "cpu":
+    elif (args.workloads is not None or args.batched) and args.device != "cpu":
         parser.error(f"the real workloads run on cpu only, got --device {args.device}")
+    elif args.batched and (args.models is not None or args.steps is not None):
+        parser.error("--batched measures the real workloads only, not --models/--steps")
     return args
 
 
 def _check_long_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """``--long`` has one fixed workload: refuse the options that would change it."""
-    for option in ("models", "optimizers", "implementations", "workloads", "rounds"):
-        if getattr(args, option) is not None:
+    for option in ("models", "optimizers", "implementations", "workloads", "rounds",
+                   "batched"):
+        if getattr(args, option) not in (None, False):
             parser.error(f"--{option} does not apply to --long (its workload is fixed)")
     if args.device != "cpu":
         parser.error(f"--long runs on cpu only, got --device {args.device}")
@@ -198,16 +220,20 @@ def selected_suites(args: argparse.Namespace) -> list[str]:
     if args.long:
         return ["long"]
     named_abc = args.models is not None or args.steps is not None
-    meta = args.workloads is not None or (not named_abc and args.device == "cpu")
-    abc = named_abc or (not args.quick and args.workloads is None)
+    meta = args.workloads is not None or args.batched or (not named_abc and
+                                                          args.device == "cpu")
+    abc = named_abc or (not args.quick and not args.batched and args.workloads is None)
     return [name for name, wanted in (("meta", meta), ("abc", abc)) if wanted]
 
 
 def suite_implementations(args: argparse.Namespace, suite: str) -> list[str] | None:
     """The implementations ``suite`` measures: those of ``--implementations`` it has
-    (None: its default, every installed one; ``--quick``'s real workloads: loft, higher)."""
+    (None: its default, every installed one; ``--quick``'s and ``--batched``'s real
+    workloads: loft, higher; ``--batched`` adds loft-batched in the suite)."""
     names = _names(args.implementations)
     if names is None:
+        if suite == "meta" and args.batched:
+            return list(META_BATCHED["implementations"])
         if suite == "meta" and args.quick:
             return list(META_QUICK["implementations"])
         return None
@@ -306,13 +332,16 @@ def _report(args: argparse.Namespace, run: Callable[[], Any]) -> int:
 
 
 def run_meta(args: argparse.Namespace, argv: Sequence[str]) -> Callable[[], Any]:
-    """The real-workload suite as ``args`` ask for it (``--quick``: :data:`META_QUICK`)."""
-    quick = args.quick
+    """The real-workload suite as ``args`` ask for it (``--quick``: :data:`META_QUICK`;
+    ``--batched``: :data:`META_BATCHED`)."""
+    quick, batched = args.quick, args.batched
     budget = args.time_budget if args.time_budget is not None else (
         META_QUICK["time_budget_s"] if quick else DEFAULT_META_TIME_BUDGET_S)
     return lambda: run_meta_suite(
-        workloads=_names(args.workloads) or DEFAULT_WORKLOADS,
-        optimizers=_names(args.optimizers),
+        workloads=_names(args.workloads) or (META_BATCHED["workloads"] if batched
+                                             else DEFAULT_WORKLOADS),
+        optimizers=_names(args.optimizers) or (META_BATCHED["optimizers"] if batched
+                                               else None),
         implementations=suite_implementations(args, "meta"),
         repeats=args.repeats or (META_QUICK["repeats"] if quick else DEFAULT_META_REPEATS),
         rounds=args.rounds or (META_QUICK["rounds"] if quick else DEFAULT_ROUNDS),
@@ -322,6 +351,7 @@ def run_meta(args: argparse.Namespace, argv: Sequence[str]) -> Callable[[], Any]
         timeout=args.timeout,
         command=shlex.join(["python", "-m", "loft.bench", *argv]),
         time_budget_s=budget,
+        batched=batched,
     )
 
 

@@ -8,6 +8,12 @@ its own way (:data:`META_IMPLEMENTATIONS`):
 
 - ``loft``: ``with loft.innerloop_ctx(model, inner_opt, copy_initial_weights=False) as
   (fmodel, diffopt)`` and ``diffopt.step(loss)``: higher's pattern;
+- ``loft-batched`` (``python -m loft.bench --batched``; SGD on ``sinusoid`` and
+  ``omniglot``): the meta-iteration's tasks stacked along a leading task dimension
+  (:func:`~loft.bench.meta_workloads.stack_tasks`) and run as one
+  ``loft.innerloop_ctx(model, inner_opt, copy_initial_weights=False, tasks=N)``:
+  ``diffopt.step`` on the ``[N]`` per-task losses, one ``backward()`` of the sum of the
+  ``[N]`` query losses (the same meta-gradient as the sequential peers' sum over tasks);
 - ``higher``: the same code with ``higher`` (0.2.1);
 - ``torchopt``: torchopt's MAML pattern: ``inner_opt = torchopt.MetaSGD(model, lr)`` (or
   ``MetaAdam``) made once, ``torchopt.extract_state_dict`` of the model and of
@@ -35,6 +41,10 @@ peer). Per iteration it records the **whole iteration**, the **inner loop** (the
 over the tasks of their inner steps) and the **meta-backward** (the sum over the tasks
 of the query loss's ``backward()``); the median and the minimum over the repeats are
 reported. On ``context`` it times ``ENTRIES`` entries and exits per repeat instead.
+For ``loft-batched`` it also records, before the warm-up, the bytes autograd saves for
+one inner step (:func:`saved_bytes_per_step`) of the batched context and of one task in
+a sequential loft context, and their ratio ``saved_bytes_ratio`` = batched / (N x one
+task's): at most 1 when batching saves nothing beyond the N tasks' own tensors.
 """
 
 from __future__ import annotations
@@ -50,11 +60,25 @@ import torch
 from torch import Tensor
 
 from loft.bench.baselines import PerTensorAdam
-from loft.bench.measure import _gc_paused, torchopt_backend, torchopt_optimizer
-from loft.bench.meta_workloads import MetaBuilt, MetaWorkload, Task, build_meta, sample_tasks
+from loft.bench.measure import (
+    SavedTensorMeter,
+    _gc_paused,
+    torchopt_backend,
+    torchopt_optimizer,
+)
+from loft.bench.meta_workloads import (
+    MetaBuilt,
+    MetaWorkload,
+    Task,
+    build_meta,
+    sample_tasks,
+    stack_tasks,
+)
 
 __all__ = [
     "META_IMPLEMENTATIONS",
+    "BATCHED",
+    "BATCHED_WORKLOADS",
     "CONTEXT_IMPLEMENTATIONS",
     "DEFAULT_META_TIME_BUDGET_S",
     "ENTRIES",
@@ -64,10 +88,15 @@ __all__ = [
     "meta_gradients",
     "run_iteration",
     "implementation_supports",
+    "saved_bytes_per_step",
 ]
 
+#: The batched peer: the meta-batch as one ``innerloop_ctx(..., tasks=N)`` (``--batched``).
+BATCHED = "loft-batched"
+#: The workloads the batched peer runs (with the SGD inner loop): the MAML ones.
+BATCHED_WORKLOADS = ("sinusoid", "omniglot")
 #: The peers, in report order.
-META_IMPLEMENTATIONS = ("loft", "higher", "torchopt", "functional_call", "floor")
+META_IMPLEMENTATIONS = ("loft", BATCHED, "higher", "torchopt", "functional_call", "floor")
 #: The peers measured on ``context``: only loft and higher have a context to enter; the
 #: floor there is cloning the weights.
 CONTEXT_IMPLEMENTATIONS = ("loft", "higher", "floor")
@@ -80,9 +109,12 @@ ENTRIES = 100
 
 def implementation_supports(implementation: str, workload: MetaWorkload) -> bool:
     """Whether ``implementation`` runs ``workload`` (torchopt has no Meta-SGD; only loft,
-    higher and the clone floor have a context to enter)."""
+    higher and the clone floor have a context to enter; loft-batched runs the MAML
+    workloads with SGD)."""
     if workload.spec.kind == "context":
         return implementation in CONTEXT_IMPLEMENTATIONS
+    if implementation == BATCHED:
+        return workload.name in BATCHED_WORKLOADS and workload.optimizer == "sgd"
     if implementation == "torchopt" and workload.name == "meta-sgd":
         return False
     return implementation in META_IMPLEMENTATIONS
@@ -94,8 +126,8 @@ def implementation_supports(implementation: str, workload: MetaWorkload) -> bool
 class Peer:
     """One implementation of the per-task inner loop on a built workload.
 
-    Per meta-iteration: ``start_iteration()``; per task: ``begin()``, ``step(x, y)`` per
-    inner step, ``query_loss(x, y)``, ``meta_backward(loss)``, ``end()``.
+    Per meta-iteration: ``start_iteration()``; per task of ``group(tasks)``: ``begin()``,
+    ``step(x, y)`` per inner step, ``query_loss(x, y)``, ``meta_backward(loss)``, ``end()``.
     """
 
     def __init__(self, built: MetaBuilt) -> None:
@@ -105,6 +137,10 @@ class Peer:
 
     def start_iteration(self) -> None:
         """Anything done once per meta-iteration, before its first task."""
+
+    def group(self, tasks: Sequence[Task]) -> list[Task]:
+        """What one meta-iteration runs through ``begin()`` ... ``end()``: each task."""
+        return list(tasks)
 
     def begin(self) -> None:
         raise NotImplementedError
@@ -151,6 +187,34 @@ class ContextPeer(Peer):
     def end(self) -> None:
         self._ctx.__exit__(None, None, None)
         self._ctx = self.fmodel = self.diffopt = None
+
+
+class BatchedPeer(ContextPeer):
+    """loft-batched: the meta-iteration's tasks as one task-batched inner loop
+    (``innerloop_ctx(..., tasks=N)``), stepped on the ``[N]`` per-task losses."""
+
+    def __init__(self, built: MetaBuilt) -> None:
+        import loft
+
+        super().__init__(built, loft)
+        self.task_losses = built.workload.task_losses
+        self._kwargs["tasks"] = built.workload.num_tasks
+
+    def group(self, tasks: Sequence[Task]) -> list[Task]:
+        """The tasks stacked into one task-batched :class:`Task` (``tasks=len(tasks)``)."""
+        self._kwargs["tasks"] = len(tasks)
+        return [stack_tasks(tasks)]
+
+    def step(self, x: Tensor, y: Tensor) -> None:
+        self.diffopt.step(self.task_losses(self.fmodel(x), y))
+
+    def query_loss(self, x: Tensor, y: Tensor) -> Tensor:
+        """The ``[N]`` per-task query losses."""
+        return self.task_losses(self.fmodel(x), y)
+
+    def meta_backward(self, loss: Tensor) -> None:
+        """One ``backward()`` of the tasks' summed query losses."""
+        loss.sum().backward()
 
 
 class TorchoptPeer(Peer):
@@ -276,6 +340,8 @@ def make_peer(implementation: str, built: MetaBuilt) -> Peer:
         import loft
 
         return ContextPeer(built, loft)
+    if implementation == BATCHED:
+        return BatchedPeer(built)
     if implementation == "higher":
         import higher
 
@@ -309,7 +375,7 @@ def run_iteration(peer: Peer, tasks: Sequence[Task], meta_step: bool = True) -> 
         start = clock()
         built.meta_optimizer.zero_grad(set_to_none=True)
         peer.start_iteration()
-        for task in tasks:
+        for task in peer.group(tasks):
             peer.begin()
             (xs, ys), (xq, yq) = task.support, task.query
             t0 = clock()
@@ -355,6 +421,34 @@ def _grad_summary(built: MetaBuilt) -> dict[str, Any]:
 
 
 # ---- the measurement ------------------------------------------------------------------
+
+
+def saved_bytes_per_step(peer: Peer, task: Task) -> int:
+    """Bytes autograd saves for one inner step of ``peer`` on ``task`` (for loft-batched
+    a stacked meta-batch): the live saved bytes (:class:`SavedTensorMeter`) after a
+    second step minus after the first; no meta-backward, nothing timed."""
+    xs, ys = task.support
+    meter = SavedTensorMeter()
+    peer.begin()
+    try:
+        with meter:
+            peer.step(xs, ys)
+            first = meter.live_bytes()
+            peer.step(xs, ys)
+            second = meter.live_bytes()
+    finally:
+        peer.end()
+    return second - first
+
+
+def _batched_memory(peer: Peer, workload: MetaWorkload) -> dict[str, Any]:
+    """One inner step's saved bytes, batched (``peer``, all tasks) and of one task in a
+    sequential loft context, and batched / (N x one task's)."""
+    tasks = sample_tasks(workload, 0)
+    batched = saved_bytes_per_step(peer, peer.group(tasks)[0])
+    one = saved_bytes_per_step(make_peer("loft", peer.built), tasks[0])
+    return {"saved_bytes_per_step": batched, "saved_bytes_per_step_one_task": one,
+            "saved_bytes_ratio": batched / (len(tasks) * one) if one else None}
 
 
 def _stats(values: Sequence[float], key: str) -> dict[str, Any]:
@@ -404,6 +498,8 @@ def measure_meta(workload: MetaWorkload, implementation: str, repeats: int = 5,
     if workload.spec.kind == "context":
         result.update(_measure_context(peer, repeats))
         return result
+    if implementation == BATCHED:
+        result.update(_batched_memory(peer, workload))
     run_iteration(peer, sample_tasks(workload, 0), meta_step=False)  # warm-up
     result.update(_grad_summary(built))
     built.meta_optimizer.step()
@@ -421,7 +517,7 @@ def measure_meta(workload: MetaWorkload, implementation: str, repeats: int = 5,
 
 def _versions(implementation: str) -> dict[str, Any]:
     """loft's backend, higher's or torchopt's version and backend, for the record."""
-    if implementation == "loft":
+    if implementation in ("loft", BATCHED):
         import loft
 
         return {"loft_backend": loft.backend(), "loft_backend_reason": loft.backend_reason()}

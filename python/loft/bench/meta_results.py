@@ -13,6 +13,10 @@ records into
 - **ratios** for loft: the speed-up over each peer (the peer's time / loft's, above 1:
   loft is faster) and loft over the floor (loft's time / the floor's, at least 1), each
   from the medians above, with the same ratio per round in the JSON;
+- with ``--batched``, **batched ratios** for ``loft-batched`` (the meta-batch as one
+  ``innerloop_ctx(..., tasks=N)``): the speed-up over sequential loft and each peer
+  (``batched_ratios`` in the JSON), and its memory figure: the bytes saved for one inner
+  step batched over N times one task's (``saved_bytes_ratio``);
 - :meth:`MetaSuiteResult.table`, the report a newcomer reads; ``_check_table()``, the
   maintainers' targets (``python -m loft.bench --check``), never in the normal report.
 """
@@ -29,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from loft.bench import plotting
-from loft.bench.meta_measure import META_IMPLEMENTATIONS
+from loft.bench.meta_measure import BATCHED, META_IMPLEMENTATIONS
 from loft.bench.meta_workloads import META_WORKLOADS
 from loft.bench.results import write_result
 
@@ -54,8 +58,14 @@ _OPTIMIZER_NAMES = {"sgd": "SGD", "adam": "Adam"}
 WIDTH = 100
 #: Why a peer has no row on a workload (reported as n/a).
 NOT_APPLICABLE = {("torchopt", "meta-sgd"): "no per-element lr"}
-#: The peers loft is compared with (the floor is a bound, not a peer).
-PEERS = tuple(i for i in META_IMPLEMENTATIONS if i not in ("loft", "floor"))
+#: The peers loft is compared with (the floor is a bound, not a peer; loft-batched is
+#: loft itself, compared with these and with loft).
+PEERS = tuple(i for i in META_IMPLEMENTATIONS if i not in ("loft", BATCHED, "floor"))
+#: What each implementation with ratios is compared with.
+VERSUS = {"loft": (*PEERS, "floor"), BATCHED: ("loft", *PEERS)}
+#: The batched peer's memory figures (bytes saved for one inner step; see
+#: :mod:`loft.bench.meta_measure`), carried into its summary row.
+MEMORY_KEYS = ("saved_bytes_per_step", "saved_bytes_per_step_one_task", "saved_bytes_ratio")
 
 
 def _kind(workload: str) -> str:
@@ -77,13 +87,18 @@ def summarize_meta(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for (name, optimizer, impl), runs in groups.items():
         row: dict[str, Any] = {"workload": name, "optimizer": optimizer,
-                               "implementation": impl, "rounds": len(runs)}
+                               "implementation": impl, "rounds": len(runs),
+                               "tasks": runs[0].get("tasks")}
         for key, _ in METRICS[_kind(name)]:
             values = [r[key] for r in runs]
             row[key] = statistics.median(values)
             row[key + "_spread"] = [min(values), max(values)]
             row[key + "_best"] = min(r.get(key + "_min", r[key]) for r in runs)
             row[key + "_rounds"] = values
+        for key in MEMORY_KEYS:
+            values = [r[key] for r in runs if r.get(key) is not None]
+            if values:
+                row[key] = statistics.median(values)
         rows.append(row)
     return sorted(rows, key=_row_order)
 
@@ -103,24 +118,26 @@ def _per_round(records: Iterable[dict[str, Any]]) -> dict[tuple[str, str, str], 
     return out
 
 
-def meta_ratios(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """loft's ratios per (workload, optimiser, figure): ``speedup`` over each peer (the
-    peer's time / loft's) and ``over_floor`` (loft's time / the floor's), from the
-    medians over the rounds; ``rounds``: the same ratio within each round."""
+def meta_ratios(records: Sequence[dict[str, Any]],
+                implementation: str = "loft") -> list[dict[str, Any]]:
+    """``implementation``'s ratios (loft, or loft-batched) per (workload, optimiser,
+    figure): ``speedup`` over each peer (the peer's time / its own; loft-batched: also over
+    loft) and, for loft, ``over_floor`` (loft's time / the floor's), from the medians over
+    the rounds; ``rounds``: the same ratio within each round."""
     summary = {(r["workload"], r["optimizer"], r["implementation"]): r
                for r in summarize_meta(records)}
     rounds = _per_round(records)
     out = []
     for (name, optimizer, impl), loft in summary.items():
-        if impl != "loft":
+        if impl != implementation:
             continue
         for key, label in METRICS[_kind(name)]:
-            for versus in (*PEERS, "floor"):
+            for versus in VERSUS[implementation]:
                 wanted = "none" if versus == "floor" else optimizer
                 other = summary.get((name, wanted, versus))
                 if other is None or not loft[key] or not other[key]:
                     continue
-                ours, theirs = rounds[(name, optimizer, "loft")], rounds[(name, wanted, versus)]
+                ours, theirs = rounds[(name, optimizer, impl)], rounds[(name, wanted, versus)]
                 if versus == "floor":
                     value = loft[key] / other[key]
                     per_round = [ours[k][key] / theirs[k][key] for k in sorted(ours)
@@ -130,7 +147,7 @@ def meta_ratios(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                     per_round = [theirs[k][key] / ours[k][key] for k in sorted(ours)
                                  if k in theirs]
                 out.append({"workload": name, "optimizer": optimizer, "metric": key,
-                            "label": label, "versus": versus,
+                            "label": label, "implementation": impl, "versus": versus,
                             "kind": "over_floor" if versus == "floor" else "speedup",
                             "value": value, "rounds": per_round})
     return out
@@ -151,20 +168,23 @@ def speedup_text(value: float, peer: str) -> str:
 
 @dataclass(frozen=True)
 class MetaTarget:
-    """A goal on one workload: a ``speedup`` over ``versus`` (at least ``bound``), loft
-    ``over_floor`` (at most ``bound``), or loft's ``time_ms`` (at most ``bound``)."""
+    """A goal on one workload for ``implementation`` (loft or loft-batched): a
+    ``speedup`` over ``versus`` (at least ``bound``), ``over_floor`` (at most ``bound``),
+    its ``time_ms`` (at most ``bound``), or its ``memory`` figure (``metric``, a key of
+    :data:`MEMORY_KEYS`, at most ``bound``)."""
 
     workload: str
     optimizer: str
-    kind: str  # "speedup", "over_floor" or "time_ms"
-    metric: str  # a key of METRICS
+    kind: str  # "speedup", "over_floor", "time_ms" or "memory"
+    metric: str  # a key of METRICS (memory: of MEMORY_KEYS)
     bound: float
     versus: str | None = None  # the peer of a speedup
+    implementation: str = "loft"
 
     def __post_init__(self) -> None:
-        if self.kind not in ("speedup", "over_floor", "time_ms"):
-            raise ValueError(f"MetaTarget.kind must be speedup, over_floor or time_ms, got "
-                             f"{self.kind!r}")
+        if self.kind not in ("speedup", "over_floor", "time_ms", "memory"):
+            raise ValueError(f"MetaTarget.kind must be speedup, over_floor, time_ms or "
+                             f"memory, got {self.kind!r}")
 
     @property
     def at_most(self) -> bool:
@@ -181,9 +201,12 @@ class MetaTarget:
 
     @property
     def description(self) -> str:
+        if self.kind == "memory":
+            return "batched saved bytes/step / (N x 1 task's)"
         label = dict(METRICS[_kind(self.workload)])[self.metric]
+        who = "batched: " if self.implementation == BATCHED else ""
         if self.kind == "speedup":
-            return f"speed-up vs {self.versus}, {label}"
+            return f"{who}speed-up vs {self.versus}, {label}"
         if self.kind == "over_floor":
             return f"loft / floor, {label}"
         return f"loft, {label} (ms)"
@@ -198,11 +221,25 @@ META_TARGETS: tuple[MetaTarget, ...] = (
     MetaTarget("omniglot", "sgd", "over_floor", "iteration_s", 1.05),
     MetaTarget("meta-sgd", "sgd", "speedup", "iteration_s", 1.5, "higher"),
     MetaTarget("context", "sgd", "time_ms", "entry_s", 0.3),
+    # --batched: the meta-batch as one innerloop_ctx(..., tasks=N).
+    MetaTarget("sinusoid", "sgd", "speedup", "iteration_s", 10.0, "higher", BATCHED),
+    MetaTarget("sinusoid", "sgd", "speedup", "iteration_s", 5.0, "loft", BATCHED),
+    MetaTarget("omniglot", "sgd", "speedup", "iteration_s", 1.3, "higher", BATCHED),
+    MetaTarget("sinusoid", "sgd", "memory", "saved_bytes_ratio", 1.0, None, BATCHED),
+    MetaTarget("omniglot", "sgd", "memory", "saved_bytes_ratio", 1.0, None, BATCHED),
 )
 
 
 def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
+
+
+def _bytes(value: float) -> str:
+    """Bytes as ``812 B``, ``11.9 kB``, ``1.23 MB`` (decimal units)."""
+    for unit, size in (("MB", 1e6), ("kB", 1e3)):
+        if value >= size:
+            return f"{value / size:.3g} {unit}"
+    return f"{value:.0f} B"
 
 
 def _ms(value: float) -> str:
@@ -235,6 +272,11 @@ class MetaSuiteResult:
     def ratios(self) -> list[dict[str, Any]]:
         return meta_ratios(self.records)
 
+    @property
+    def batched_ratios(self) -> list[dict[str, Any]]:
+        """loft-batched's ratios (``--batched``; empty otherwise)."""
+        return meta_ratios(self.records, BATCHED)
+
     def _groups(self) -> list[tuple[str, str]]:
         """The measured (workload, optimiser) pairs, in report order (floors excluded)."""
         seen: dict[tuple[str, str], None] = {}
@@ -251,8 +293,10 @@ class MetaSuiteResult:
                 return row
         return None
 
-    def _ratio(self, name: str, optimizer: str, metric: str, versus: str) -> float | None:
-        for r in self.ratios:
+    def _ratio(self, name: str, optimizer: str, metric: str, versus: str,
+               implementation: str = "loft") -> float | None:
+        ratios = self.batched_ratios if implementation == BATCHED else self.ratios
+        for r in ratios:
             if (r["workload"], r["optimizer"], r["metric"], r["versus"]) == \
                     (name, optimizer, metric, versus):
                 return r["value"]
@@ -275,6 +319,12 @@ class MetaSuiteResult:
             "updates; floor: forward + gradients with create_graph=True and no update "
             "(what any implementation must compute).",
         ]
+        if any(r["implementation"] == BATCHED for r in self.summary):
+            paragraphs.append(
+                "loft-batched (--batched): the meta-batch's N tasks as one "
+                "innerloop_ctx(..., tasks=N), stepped on the [N] per-task losses; saved "
+                "bytes per inner step: what autograd keeps for one step, batched, against "
+                "N x one task's in a sequential loft context.")
         lines = [textwrap.fill(p, WIDTH) for p in paragraphs]
         for name, optimizer in self._groups():
             lines += [""] + self._group_lines(name, optimizer)
@@ -298,7 +348,9 @@ class MetaSuiteResult:
         spec = META_WORKLOADS[name]
         kind = spec.kind
         title = name if kind == "context" else f"{name}, {_OPTIMIZER_NAMES[optimizer]} inner loop"
-        lines = [textwrap.fill(f"{title}: {spec.description}", WIDTH,
+        tasks = next((row.get("tasks") for row in self.summary
+                      if (row["workload"], row["optimizer"]) == (name, optimizer)), None)
+        lines = [textwrap.fill(f"{title}: {spec.describe(tasks)}", WIDTH,
                                subsequent_indent="  ")]
         metrics = METRICS[kind]
         header = f"  {'implementation':<16}" + "".join(f"{label + ' ms':>26}"
@@ -321,23 +373,35 @@ class MetaSuiteResult:
                 cells.append(f"{_ms(row[key])} ({_ms(lo)}..{_ms(hi)})".rjust(26))
             lines.append(f"  {label:<16}" + "".join(cells))
         lines += self._speedup_lines(name, optimizer, impls)
+        lines += self._speedup_lines(name, optimizer, impls, BATCHED)
         return lines
 
-    def _speedup_lines(self, name: str, optimizer: str, impls: Sequence[str]) -> list[str]:
-        if "loft" not in impls:
+    def _speedup_lines(self, name: str, optimizer: str, impls: Sequence[str],
+                       implementation: str = "loft") -> list[str]:
+        if implementation not in impls:
             return []
         metrics = METRICS[_kind(name)]
         lines = []
         for key, label in metrics:
-            parts = [speedup_text(v, peer) for peer in PEERS
-                     if (v := self._ratio(name, optimizer, key, peer)) is not None]
-            floor = self._ratio(name, optimizer, key, "floor")
+            parts = [speedup_text(v, peer) for peer in VERSUS[implementation]
+                     if peer != "floor" and (v := self._ratio(name, optimizer, key, peer,
+                                                              implementation)) is not None]
+            floor = self._ratio(name, optimizer, key, "floor", implementation)
             if floor is not None:
                 what = "cloning the weights" if _kind(name) == "context" else "the floor"
                 parts.append(f"{floor:.2f}x {what}")
             if parts:
-                lines.append(textwrap.fill(f"  loft, {label}: " + "; ".join(parts), WIDTH,
-                                           subsequent_indent="      "))
+                lines.append(textwrap.fill(f"  {implementation}, {label}: " + "; ".join(parts),
+                                           WIDTH, subsequent_indent="      "))
+        row = self._row(name, optimizer, implementation)
+        if row is not None and row.get("saved_bytes_ratio") is not None:
+            tasks = row["tasks"]
+            lines.append(textwrap.fill(
+                f"  {implementation}, saved bytes per inner step: "
+                f"{_bytes(row['saved_bytes_per_step'])} for {tasks} tasks; "
+                f"{row['saved_bytes_ratio']:.3f}x {tasks} x one task's "
+                f"{_bytes(row['saved_bytes_per_step_one_task'])}", WIDTH,
+                subsequent_indent="      "))
         return lines
 
     # ---- the checks ------------------------------------------------------------------
@@ -347,15 +411,18 @@ class MetaSuiteResult:
         no slower than any peer on any figure (a speed-up of at least 1)."""
         rows = []
         for t in META_TARGETS:
-            if self._row(t.workload, t.optimizer, "loft") is None:
+            row = self._row(t.workload, t.optimizer, t.implementation)
+            if row is None:
                 continue
             if t.kind == "time_ms":
-                row = self._row(t.workload, t.optimizer, "loft")
-                value = None if row is None else row[t.metric] * 1e3
+                value = row[t.metric] * 1e3
+            elif t.kind == "memory":
+                value = row.get(t.metric)
             else:
                 versus = "floor" if t.kind == "over_floor" else t.versus
                 assert versus is not None
-                value = self._ratio(t.workload, t.optimizer, t.metric, versus)
+                value = self._ratio(t.workload, t.optimizer, t.metric, versus,
+                                    t.implementation)
             rows.append({"workload": t.workload, "optimizer": t.optimizer,
                          "target": t.description, "bound": t.text, "value": value,
                          "met": t.check(value)})
@@ -391,6 +458,8 @@ class MetaSuiteResult:
     def to_json(self, check: bool = False) -> dict[str, Any]:
         data = {"meta": self.meta, "records": self.records, "summary": self.summary,
                 "ratios": self.ratios}
+        if self.batched_ratios:
+            data["batched_ratios"] = self.batched_ratios
         if check:
             data["targets"] = self.check_rows()
         return data

@@ -14,6 +14,13 @@ the spread.
 
 Peers that are not installed (torchopt, higher) are left out of the default list with a
 note in the result (``meta["notes"]``); asked for by name, they are an error.
+
+``batched=True`` (``python -m loft.bench --batched``) adds the ``loft-batched`` peer (the
+meta-batch as one ``innerloop_ctx(..., tasks=N)``) on the workloads it runs (SGD on
+``sinusoid`` and ``omniglot``) and measures every workload in its batched setting
+(:class:`~loft.bench.meta_workloads.MetaWorkload` ``batched``: Omniglot with 16 tasks),
+every peer alike; :data:`META_BATCHED` is what the CLI runs by default then: the MAML
+workloads with SGD, loft-batched against loft, higher and the floor.
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from loft.bench.meta_measure import (
+    BATCHED,
+    BATCHED_WORKLOADS,
     DEFAULT_META_TIME_BUDGET_S,
     META_IMPLEMENTATIONS,
     implementation_supports,
@@ -40,6 +49,7 @@ __all__ = [
     "DEFAULT_ROUNDS",
     "DEFAULT_META_REPEATS",
     "META_QUICK",
+    "META_BATCHED",
     "make_meta_jobs",
     "round_order",
     "run_meta_suite",
@@ -47,14 +57,21 @@ __all__ = [
 ]
 
 DEFAULT_WORKLOADS = tuple(META_WORKLOADS)
-#: Every peer but the floor (which runs unless ``floor=False``).
-DEFAULT_PEERS = tuple(i for i in META_IMPLEMENTATIONS if i != "floor")
+#: Every peer but the floor (which runs unless ``floor=False``) and loft-batched (which
+#: runs with ``batched=True``).
+DEFAULT_PEERS = tuple(i for i in META_IMPLEMENTATIONS if i not in ("floor", BATCHED))
 DEFAULT_ROUNDS = 3
 DEFAULT_META_REPEATS = 5
 #: ``python -m loft.bench --quick``: loft against higher and the floor, about a minute of
 #: measuring on a 2-core machine (Omniglot gets 2 meta-iterations per process).
 META_QUICK: dict[str, Any] = {"workloads": DEFAULT_WORKLOADS, "implementations": ("loft", "higher"),
                               "repeats": 3, "rounds": 2, "time_budget_s": 3.0}
+#: ``python -m loft.bench --batched``'s defaults (each overridden by its option): the
+#: MAML workloads with SGD, loft-batched against loft, higher (and the floor). Omniglot's
+#: 16 tasks take seconds per meta-iteration: the time budget gives it the minimum, a
+#: warm-up and 2 timed meta-iterations per process.
+META_BATCHED: dict[str, Any] = {"workloads": BATCHED_WORKLOADS, "optimizers": ("sgd",),
+                                "implementations": ("loft", "higher")}
 
 #: The importable module behind each optional peer.
 _PEER_MODULES = {"higher": "higher", "torchopt": "torchopt"}
@@ -80,9 +97,13 @@ def missing_peers(implementations: Sequence[str]) -> list[str]:
 
 def make_meta_jobs(workloads: Sequence[str], optimizers: Sequence[str] | None,
                    implementations: Sequence[str], floor: bool = True,
-                   tasks: int | None = None, steps: int | None = None) -> list[MetaJob]:
+                   tasks: int | None = None, steps: int | None = None,
+                   batched: bool = False) -> list[MetaJob]:
     """Each workload with each of its optimisers (those in ``optimizers``, if given) and
-    each implementation that runs it, then the workload's floor."""
+    each implementation that runs it, then the workload's floor; ``batched``: every
+    workload in its batched setting, and loft-batched where it runs."""
+    if batched and BATCHED not in implementations:
+        implementations = [*implementations, BATCHED]
     jobs = []
     for name in workloads:
         spec = META_WORKLOADS[name]
@@ -90,11 +111,12 @@ def make_meta_jobs(workloads: Sequence[str], optimizers: Sequence[str] | None,
         if not chosen:
             continue
         for optimizer in chosen:
-            workload = MetaWorkload(name, optimizer, tasks, steps)
+            workload = MetaWorkload(name, optimizer, tasks, steps, batched=batched)
             jobs += [MetaJob(workload, impl) for impl in implementations
                      if implementation_supports(impl, workload)]
         if floor:
-            jobs.append(MetaJob(MetaWorkload(name, "none", tasks, steps), "floor"))
+            jobs.append(MetaJob(MetaWorkload(name, "none", tasks, steps, batched=batched),
+                                "floor"))
     return jobs
 
 
@@ -141,11 +163,13 @@ def run_meta_suite(
     time_budget_s: float | None = DEFAULT_META_TIME_BUDGET_S,
     tasks: int | None = None,
     steps: int | None = None,
+    batched: bool = False,
 ) -> MetaSuiteResult:
     """Run every job ``rounds`` times, each in a fresh process, and collect the records.
 
     ``implementations`` defaults to every installed peer (a missing one is noted in
-    ``meta["notes"]``); ``tasks`` and ``steps`` override the published settings (tests).
+    ``meta["notes"]``); ``tasks`` and ``steps`` override the published settings (tests);
+    ``batched`` adds loft-batched and the batched settings (see the module docstring).
     Nothing is written to disk here: see :meth:`MetaSuiteResult.save`.
     """
     notes = []
@@ -162,13 +186,17 @@ def run_meta_suite(
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
-    jobs = make_meta_jobs(workloads, optimizers, implementations, floor, tasks, steps)
+    jobs = make_meta_jobs(workloads, optimizers, implementations, floor, tasks, steps,
+                          batched)
+    if batched:
+        implementations = [*implementations, BATCHED]
     meta = machine_info(threads, "cpu", command)
     meta.update(suite="meta", workloads=list(workloads), optimizers=optimizers and
                 list(optimizers), implementations=list(implementations), repeats=repeats,
                 rounds=rounds, time_budget_s=time_budget_s, floor=floor, notes=notes,
-                settings={name: META_WORKLOADS[name].description for name in workloads},
-                tasks_override=tasks, steps_override=steps)
+                settings={name: META_WORKLOADS[name].describe(_num_tasks(name, tasks, batched))
+                          for name in workloads},
+                tasks_override=tasks, steps_override=steps, batched=batched)
     torchopt_version = _version("torchopt") if "torchopt" in implementations else None
     if torchopt_version:
         meta["torchopt"] = torchopt_version
@@ -183,8 +211,10 @@ def run_meta_suite(
                     spec = {"suite": "meta", "workload": job.workload.to_dict(),
                             "implementation": job.implementation, "repeats": repeats,
                             "threads": threads, "time_budget_s": time_budget_s}
-                    record = launcher.run(spec, _worker_env(job.implementation, threads),
-                                          timeout)
+                    # loft-batched is loft: its worker gets loft's (fused) backend.
+                    env = _worker_env("loft" if job.implementation == BATCHED
+                                      else job.implementation, threads)
+                    record = launcher.run(spec, env, timeout)
                     if "error" in record:
                         record.update(workload=job.workload.to_dict(),
                                       implementation=job.implementation)
@@ -197,6 +227,12 @@ def run_meta_suite(
             bar.close()
     meta["load_average_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     return MetaSuiteResult(meta, records)
+
+
+def _num_tasks(name: str, tasks: int | None, batched: bool) -> int:
+    """The tasks per meta-iteration of workload ``name`` in this run."""
+    spec = META_WORKLOADS[name]
+    return MetaWorkload(name, spec.optimizers[0], tasks, batched=batched).num_tasks
 
 
 def _version(distribution: str) -> str | None:

@@ -8,7 +8,11 @@ for the floor), and optionally fewer tasks or inner steps than the published set
 model, the inner ``torch.optim`` optimiser, the meta optimiser (``Adam(lr=1e-3)``) and,
 for Meta-SGD, the learned per-element learning rates; :func:`sample_tasks` draws the
 tasks of one meta-iteration from a generator seeded by the iteration's index, so that
-every implementation sees the same numbers.
+every implementation sees the same numbers. ``batched=True`` (``python -m loft.bench
+--batched``) selects the setting of the batched comparison, where it differs from the
+default (Omniglot: 16 tasks instead of 4); :func:`stack_tasks` stacks a meta-batch's
+tasks along a leading task dimension for ``innerloop_ctx(..., tasks=N)``, and
+:meth:`MetaWorkload.task_losses` is the workload's loss per task over such a batch.
 
 The workloads (the settings of the MAML and Meta-SGD papers and of higher's examples):
 
@@ -20,7 +24,8 @@ The workloads (the settings of the MAML and Meta-SGD papers and of higher's exam
   momentum=1, affine=True), ReLU, MaxPool2d(2)], Flatten, Linear(64, 5) (in train mode:
   BatchNorm uses the batch's statistics), on synthetic 28 x 28 images; 5-way 5-shot
   (25 support images), 15 queries per class (75 query images); 4 tasks per
-  meta-iteration; 5 inner SGD steps, lr 0.1; cross-entropy.
+  meta-iteration (``--batched``: 16, the setting of the batched comparison); 5 inner SGD
+  steps, lr 0.1; cross-entropy.
 - ``meta-sgd``: the sine regression with a learned per-element learning rate: one
   parameter group per parameter and ``override={"lr": lrs}`` with ``lrs`` tensors shaped
   like the parameters, initialised to 0.01 and meta-learned with the weights.
@@ -32,7 +37,7 @@ The workloads (the settings of the MAML and Meta-SGD papers and of higher's exam
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -49,6 +54,7 @@ __all__ = [
     "build_meta",
     "build_meta_model",
     "sample_tasks",
+    "stack_tasks",
     "sine_mlp",
     "omniglot_net",
 ]
@@ -84,23 +90,33 @@ class MetaSpec:
     steps: int  # inner steps per task
     inner_lr: dict[str, float]  # per inner optimiser
     kind: str  # "iteration" (a meta-iteration is timed) or "context" (entry and exit)
-    description: str  # one line for the report
+    template: str  # one line for the report; "{tasks}" is the tasks per meta-iteration
+    batched_tasks: int | None = None  # tasks per meta-iteration with --batched, if others
+
+    def describe(self, tasks: int | None = None) -> str:
+        """The report's line for ``tasks`` tasks per meta-iteration (default: the spec's)."""
+        return self.template.format(tasks=self.tasks if tasks is None else tasks)
+
+    @property
+    def description(self) -> str:
+        """The report's line for the published setting."""
+        return self.describe()
 
 
 #: The workloads by name (``--workloads``), in report order.
 META_WORKLOADS: dict[str, MetaSpec] = {
     "sinusoid": MetaSpec(
         "sine", ("sgd", "adam"), 25, 5, {"sgd": 0.01, "adam": 0.01}, "iteration",
-        "MAML sine regression: MLP 1-40-40-1, 25 tasks x 5 inner steps (lr 0.01), "
+        "MAML sine regression: MLP 1-40-40-1, {tasks} tasks x 5 inner steps (lr 0.01), "
         "10 support + 10 query points"),
     "omniglot": MetaSpec(
         "omniglot", ("sgd",), 4, 5, {"sgd": 0.1}, "iteration",
-        "MAML Omniglot 5-way 5-shot: 4-layer conv net (64 channels, BatchNorm), 4 tasks x "
-        "5 SGD steps (lr 0.1), 75 queries"),
+        "MAML Omniglot 5-way 5-shot: 4-layer conv net (64 channels, BatchNorm), {tasks} tasks "
+        "x 5 SGD steps (lr 0.1), 75 queries", batched_tasks=16),
     "meta-sgd": MetaSpec(
         "sine", ("sgd",), 25, 5, {"sgd": 0.01}, "iteration",
         "Meta-SGD: the sine regression with a learned per-element inner lr "
-        "(override={'lr': lrs})"),
+        "(override={{'lr': lrs}})"),
     "context": MetaSpec(
         "omniglot", ("sgd",), 1, 0, {"sgd": 0.1}, "context",
         "entering + leaving innerloop_ctx on the Omniglot network, no step (floor: cloning "
@@ -125,7 +141,9 @@ OMNIGLOT_SIDE = 28
 class MetaWorkload:
     """One real workload with one inner optimiser (``"none"``: the floor, no update).
 
-    ``tasks`` and ``steps`` default to the published setting (:data:`META_WORKLOADS`).
+    ``tasks`` and ``steps`` default to the published setting (:data:`META_WORKLOADS`);
+    ``batched``: the setting of the batched comparison (``--batched``: its
+    ``batched_tasks``, where the spec has them), for every implementation alike.
     """
 
     name: str
@@ -133,6 +151,7 @@ class MetaWorkload:
     tasks: int | None = None
     steps: int | None = None
     seed: int = 0
+    batched: bool = False
 
     def __post_init__(self) -> None:
         if self.name not in META_WORKLOADS:
@@ -157,7 +176,11 @@ class MetaWorkload:
 
     @property
     def num_tasks(self) -> int:
-        return self.tasks if self.tasks is not None else self.spec.tasks
+        if self.tasks is not None:
+            return self.tasks
+        if self.batched and self.spec.batched_tasks is not None:
+            return self.spec.batched_tasks
+        return self.spec.tasks
 
     @property
     def num_steps(self) -> int:
@@ -173,6 +196,21 @@ class MetaWorkload:
         if self.model == "sine":
             return nn.functional.mse_loss
         return nn.functional.cross_entropy
+
+    def task_losses(self, out: Tensor, target: Tensor) -> Tensor:
+        """:attr:`loss` of each task of a task-batched output ``[N, K, ...]`` against its
+        targets ``[N, K, ...]``: the ``[N]`` per-task means (each task's ``loss``).
+
+        Each mean is a sum over the task's terms divided by their count: ``mean(1)``'s
+        backward (or a reshape across the task dimension) would materialise the ``[N]``
+        gradient per term and save it for the inner step's double backward, where one
+        task's loss saves a scalar."""
+        if self.model == "sine":
+            terms = (out - target).flatten(1).pow(2)
+        else:
+            terms = nn.functional.cross_entropy(out.flatten(0, 1), target.flatten(0, 1),
+                                                reduction="none").view(out.shape[0], -1)
+        return terms.sum(1) / terms.shape[1]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -263,3 +301,13 @@ def sample_tasks(workload: MetaWorkload, iteration: int) -> list[Task]:
     gen = torch.Generator().manual_seed(1_000_003 * (workload.seed + 1) + iteration)
     make = _sine_task if workload.model == "sine" else _omniglot_task
     return [make(gen) for _ in range(workload.num_tasks)]
+
+
+def stack_tasks(tasks: Sequence[Task]) -> Task:
+    """``tasks`` as one task-batched :class:`Task`: every tensor stacked along a new leading
+    task dimension (``[N, K, ...]``), as ``innerloop_ctx(..., tasks=N)`` takes them."""
+    def stack(tensors: Sequence[Tensor]) -> Tensor:
+        return torch.stack(list(tensors))
+
+    return Task((stack([t.support[0] for t in tasks]), stack([t.support[1] for t in tasks])),
+                (stack([t.query[0] for t in tasks]), stack([t.query[1] for t in tasks])))
