@@ -18,7 +18,7 @@ replaced rather than updated) raises an error naming the module that failed.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import weakref
 from typing import Any
 
 import torch
@@ -75,20 +75,22 @@ def batched_call(root: Any, module: Any, args: tuple[Any, ...], kwargs: dict[str
     submodules) on every task's slice of ``args``, the fast weights and the buffers."""
     tasks = root._loft_tasks
     name = "fmodel" if module is root else f"fmodel.{_module_name(root, module)}"
-    leaves, spec, positions = _check_inputs(tasks, args, kwargs, name)
+    one = args[0] if len(args) == 1 and not kwargs else None
+    if type(one) is Tensor and one.dim() > 0 and one.shape[0] == tasks:
+        leaves = spec = positions = None  # the common call: one tensor, checked
+    else:
+        leaves, spec, positions = _check_inputs(tasks, args, kwargs, name)
     fast = root.fast_params
-    modules = [root, *root._loft_inner]
-    slots = [(m._buffers, key) for m in modules for key, b in m._buffers.items()
-             if isinstance(b, Tensor)]
-    buffers = [d[key] for d, key in slots]
-    forward = module._loft_wrapped.forward
+    slots = [(m._buffers, key) for m in (root, *root._loft_inner)
+             for key, b in m._buffers.items() if isinstance(b, Tensor)]
     state = root.__dict__
     state["_loft_calls"] = root._loft_calls + 1
     try:
-        if len(args) == 1 and not kwargs and isinstance(args[0], Tensor) and \
-                native_forward(module):
-            return _native(root, module, args[0], fast, slots, buffers)
-        return _vmapped(root, forward, module, fast, slots, buffers, leaves, spec, positions)
+        if isinstance(one, Tensor) and native_forward(module):
+            return _native(root, module, one, fast, slots)
+        if leaves is None:
+            leaves, spec, positions = _check_inputs(tasks, args, kwargs, name)
+        return _vmapped(root, module, fast, slots, leaves, spec, positions)
     except RuntimeError as error:
         if not _is_batching_error(error):
             raise
@@ -108,13 +110,19 @@ def batched_call(root: Any, module: Any, args: tuple[Any, ...], kwargs: dict[str
 CHUNK_BYTES = 16 * 2**20
 
 
+#: The largest activation of one task in bytes, per original module and input shape.
+_TASK_BYTES: weakref.WeakKeyDictionary[nn.Module, dict[Any, int]] = weakref.WeakKeyDictionary()
+
+
 def _native(root: Any, module: Any, x: Tensor, fast: list[Tensor],
-            slots: list[tuple[dict[str, Any], str]], buffers: list[Tensor]) -> Tensor:
+            slots: list[tuple[dict[str, Any], str]]) -> Tensor:
     """``module``'s native batched forward on ``x``, in chunks of tasks on the CPU."""
     tasks = root._loft_tasks
+    buffers = [d[key] for d, key in slots]
     if x.device.type != "cpu" or tasks == 1:
         return run_native(module, x, tasks)[0]
-    sizes = module.__dict__.setdefault("_loft_task_bytes", {})
+    # Kept per original module (a new patched model is made for every inner loop).
+    sizes = _TASK_BYTES.setdefault(module._loft_source, {})
     key = (tuple(x.shape[1:]), x.dtype)
     per_task = sizes.get(key)
     if per_task is None:
@@ -161,10 +169,13 @@ def _on_tasks(root: Any, module: Any, x: Tensor, fast: list[Tensor],
         root._write(full_fast)
 
 
-def _vmapped(root: Any, forward: Callable[..., Any], module: Any, fast: list[Tensor],
-             slots: list[tuple[dict[str, Any], str]], buffers: list[Tensor],
+def _vmapped(root: Any, module: Any, fast: list[Tensor],
+             slots: list[tuple[dict[str, Any], str]],
              leaves: list[Any], spec: Any, positions: list[int]) -> Any:
-    """``forward`` under ``torch.func.vmap`` over the fast weights, buffers and inputs."""
+    """``module``'s forward under ``torch.func.vmap`` over the fast weights, buffers and
+    inputs."""
+    forward = module._loft_wrapped.forward
+    buffers = [d[key] for d, key in slots]
 
     def one_task(task_fast: list[Tensor], task_buffers: list[Tensor],
                  task_inputs: list[Tensor]) -> Any:
