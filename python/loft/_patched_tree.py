@@ -96,19 +96,18 @@ def _check_patchable(cls: type) -> None:
     name = cls.__name__
     if issubclass(cls, nn.parallel.DistributedDataParallel):
         raise TypeError(
-            f"loft cannot patch a {name} yet: each process would meta-train on its own "
-            f"un-averaged meta-gradients and the replicas would drift apart. Patch the "
-            f"wrapped model instead (innerloop_ctx(model.module, opt)) and average the "
-            f"meta-gradients across processes yourself (all_reduce each parameter's .grad "
-            f"and divide by the world size) before the meta-optimizer's step, or wait for "
-            f"loft's torch.distributed support."
+            f"loft patches a {name} only as the model given to monkeypatch / "
+            f"innerloop_ctx (it then patches the model it wraps and averages the "
+            f"meta-gradients through it), not as a submodule of another model: wrap the "
+            f"whole model in DistributedDataParallel instead"
         )
     if issubclass(cls, nn.DataParallel):
         raise TypeError(
             f"loft cannot patch a {name}: its replicas would not run on the fast weights. "
-            f"Patch the wrapped model instead (innerloop_ctx(model.module, opt)) on one "
-            f"device, or run one process per device and average the meta-gradients "
-            f"yourself."
+            f"Use one process per device with DistributedDataParallel "
+            f"(loft.innerloop_ctx(DistributedDataParallel(model), opt, "
+            f"copy_initial_weights=False), see loft.distributed), or patch the wrapped "
+            f"model (model.module) on one device."
         )
     fsdp = sys.modules.get("torch.distributed.fsdp")
     if fsdp is not None:
@@ -117,8 +116,10 @@ def _check_patchable(cls: type) -> None:
         if wrappers and issubclass(cls, wrappers):
             raise TypeError(
                 f"loft does not support FSDP ({name}): its sharded parameters are "
-                f"gathered by hooks that a patched module does not run. Patch an "
-                f"unsharded model."
+                f"gathered by hooks that a patched module does not run, and an inner loop "
+                f"needs every weight on every rank. Replicate the model instead: "
+                f"loft.innerloop_ctx(DistributedDataParallel(model), opt, "
+                f"copy_initial_weights=False) averages the meta-gradients across ranks."
             )
 
 

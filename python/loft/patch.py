@@ -44,6 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from loft import distributed as _distributed
 from loft import utils as _utils
 from loft._batched import check_tasks
 
@@ -185,8 +186,11 @@ def monkeypatch(
     """A stateless version of ``module`` with its own fast weights (higher's ``monkeypatch``).
 
     Args:
-        module: the module to patch (left unchanged). Not a ``DistributedDataParallel``,
-            ``DataParallel`` or FSDP wrapper (``TypeError``; patch ``module.module``).
+        module: the module to patch (left unchanged). A ``DistributedDataParallel``
+            model patches the model it wraps, and with ``copy_initial_weights=False``
+            the next meta-backward averages the meta-gradients across ranks through
+            DDP (:mod:`loft.distributed`). Not a ``DataParallel`` or FSDP wrapper
+            (``TypeError``).
         device: where the fast weights and buffers go.
         copy_initial_weights: ``True``: the initial fast weights are detached copies
             (no meta-gradient reaches ``module``); ``False``: they are differentiable
@@ -200,6 +204,12 @@ def monkeypatch(
     if not isinstance(track_higher_grads, bool):
         raise ValueError(f"Expected boolean argument. Got: {type(track_higher_grads)}.")
     tasks = check_tasks(tasks)
+    ddp = None
+    if _distributed.is_ddp(module):
+        # DDP: patch the wrapped model; entering is DDP's forward (loft.distributed).
+        ddp, module = module, module.module
+        if not copy_initial_weights:
+            _distributed.begin_forward(ddp)
     if copy_initial_weights:
         def make_fast(p: Tensor) -> Tensor:
             return _utils._copy_tensor(p, True, device)
@@ -214,4 +224,6 @@ def monkeypatch(
         def make_weights(p: Tensor) -> Tensor:  # a copy per task (make_fast's clone)
             return make_fast(p.unsqueeze(0).expand(tasks, *p.shape))
     fmodule, _ = _build(module, device, make_weights, track_higher_grads, tasks=tasks)
+    if ddp is not None and not copy_initial_weights:
+        fmodule.set_history([0], [_distributed.end_forward(ddp, fmodule.fast_params)])
     return fmodule

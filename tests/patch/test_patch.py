@@ -561,21 +561,29 @@ def test_twin_has_its_own_weights_and_shares_the_buffers() -> None:
 # ---- wrapped models ----------------------------------------------------------------------
 
 
-def test_distributed_data_parallel_is_refused(tmp_path: Any) -> None:
+def test_distributed_data_parallel_patches_the_wrapped_model(tmp_path: Any) -> None:
+    """A DDP model patches the model it wraps (meta-gradients as without DDP, one rank);
+    DDP as a submodule of another model is refused."""
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0,
                             world_size=1)
     try:
+        torch.manual_seed(0)
         model = nn.parallel.DistributedDataParallel(nn.Linear(4, 3))
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        with pytest.raises(TypeError, match=r"DistributedDataParallel.*model\.module"):
-            with loft.innerloop_ctx(model, opt):
-                pass
-        with pytest.raises(TypeError, match="DistributedDataParallel"):
+        x = torch.randn(5, 4)
+        grads = []
+        for wrapped in (model, model.module):
+            with loft.innerloop_ctx(wrapped, opt, copy_initial_weights=False) as (fmodel, diffopt):
+                assert isinstance(fmodel, nn.Linear)
+                diffopt.step(fmodel(x).square().mean())
+                fmodel(x).square().mean().backward()
+            grads.append([p.grad.clone() for p in model.parameters()])
+            opt.zero_grad()
+        assert all(torch.allclose(a, b) for a, b in zip(*grads))
+        with pytest.raises(TypeError, match="DistributedDataParallel.*not as a submodule"):
             loft.monkeypatch(nn.Sequential(model))
-        with loft.innerloop_ctx(model.module, opt) as (fmodel, _):  # what the error says
-            assert isinstance(fmodel, nn.Linear)
     finally:
         dist.destroy_process_group()
 

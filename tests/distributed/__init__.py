@@ -1,0 +1,1 @@
+"""Tests of meta-training across processes (loft.distributed, DistributedDataParallel)."""
