@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from loft import optim, patch, utils
+from loft import distributed, optim, patch, utils
 from loft._ext import backend, backend_reason
 from loft.optim import (
     DifferentiableOptimizer,
@@ -46,6 +46,7 @@ __all__ = [
     "DifferentiableOptimizer",
     "backend",
     "backend_reason",
+    "distributed",
     "optim",
     "patch",
     "utils",

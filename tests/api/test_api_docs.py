@@ -36,7 +36,8 @@ API_DOC = ROOT / "docs" / "api.md"
 CHANGELOG = ROOT / "CHANGELOG.md"
 
 #: The modules whose public names docs/api.md must document.
-MODULES = ("loft", "loft.optim", "loft.patch", "loft.utils", "loft.unroll", "loft.bench")
+MODULES = ("loft", "loft.optim", "loft.patch", "loft.utils", "loft.unroll", "loft.distributed",
+           "loft.bench")
 
 _MEMBER_KINDS = (property, classmethod, staticmethod, functools.cached_property)
 
