@@ -15,8 +15,10 @@ the averaging of learned hyperparameters' meta-gradients.
 
 The next backward that reaches the parameters (the meta-backward) then averages their
 ``.grad`` across ranks through DDP's reducer: in buckets, each all-reduced as soon as it
-is ready, overlapped with the rest of the meta-backward, with DDP's bucket sizes and any
-communication hook registered on it. Inside ``ddp_model.no_sync()`` (entered before the
+is ready, with DDP's bucket sizes and any communication hook registered on it. (A
+meta-gradient is complete only when the meta-backward reaches the initial fast weights,
+the graph's first nodes: every bucket becomes ready at the end, so the all-reduce runs
+after the meta-backward rather than during it; see docs/distributed.md.) Inside ``ddp_model.no_sync()`` (entered before the
 context) no reduction is prepared: the meta-gradients accumulate locally and the next
 synchronised meta-backward averages all of them, as in ordinary training.
 
