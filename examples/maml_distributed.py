@@ -3,7 +3,7 @@ DistributedDataParallel averages the meta-gradients during the meta-backward.
 
 Launch with torchrun (one process per core or GPU)::
 
-    torchrun --nproc_per_node 2 examples/maml_distributed.py [--meta-iterations 200]
+    torchrun --standalone --nproc_per_node 2 examples/maml_distributed.py [--meta-iterations 200]
         [--meta-batch 16] [--inner-steps 5] [--batched] [--hidden 40] [--measure-overlap]
 
 Several machines: the same command on each, with ``--nnodes N --node_rank i

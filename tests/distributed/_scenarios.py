@@ -29,6 +29,7 @@ class Scenario:
     learned_lr: bool = False  # a leaf lr in override, averaged by average_gradients
     first_order: bool = False
     checkpoint: bool = False  # loft.unroll(..., checkpoint_every=2)
+    find_unused: bool = False  # DistributedDataParallel(..., find_unused_parameters=True)
 
     def tasks_of(self, rank: int) -> int:
         return self.tasks[rank % len(self.tasks)]
@@ -43,6 +44,7 @@ SCENARIOS: dict[str, Scenario] = {
     "learned_lr": Scenario(learned_lr=True, tasks=(2,), no_sync=True),
     "first_order": Scenario(first_order=True),
     "checkpointed": Scenario(opt="adam", checkpoint=True),
+    "find_unused": Scenario(tasks=(2,), no_sync=True, find_unused=True),
 }
 
 

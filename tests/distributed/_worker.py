@@ -32,7 +32,8 @@ def run_scenarios(rank: int, world: int, store: str, out: str) -> None:
     results = {}
     try:
         for name, s in SCENARIOS.items():
-            model = nn.parallel.DistributedDataParallel(make_model())
+            model = nn.parallel.DistributedDataParallel(
+                make_model(), find_unused_parameters=s.find_unused)
             lr = new_lr(s)
             meta_iteration(s, model, rank, lr)
             if lr is not None:

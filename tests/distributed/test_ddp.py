@@ -106,3 +106,22 @@ def test_an_uninitialised_process_group_is_an_error(tmp_path: Path) -> None:
             pass
     with pytest.raises(RuntimeError, match="init_process_group"):
         loft_dist.average_gradients([torch.zeros(2, requires_grad=True)])
+
+
+def test_the_example_runs_under_torchrun(tmp_path: Path) -> None:
+    """examples/maml_distributed.py, 2 processes through torchrun (its own launcher
+    module), sequential and batched: exits cleanly and reports its timing."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    for extra in ([], ["--batched"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone",
+             "--nproc_per_node", "2", str(root / "examples" / "maml_distributed.py"),
+             "--meta-iterations", "2", "--meta-batch", "4", "--inner-steps", "1",
+             "--timeout", "30", *extra],
+            capture_output=True, text=True, timeout=180, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "2 process(es), 2 task(s) each" in done.stdout, done.stdout
+        assert "meta-loss" in done.stdout
