@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -35,6 +36,18 @@ def _fused_backend() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         loft.backend()
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """torch.set_num_threads(1) for the test, restored after it: tiny ops run an order of
+    magnitude faster on one intra-op thread than on a contended pool (same numbers)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture

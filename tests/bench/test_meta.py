@@ -45,17 +45,14 @@ from loft.bench.meta_workloads import (
 from loft.bench.suite import SuiteResult
 from loft.bench.workloads import Workload
 
+from ._cli import fake_meta_suite
+
 ROOT = Path(__file__).resolve().parents[2]
 HAS_TORCHOPT = importlib.util.find_spec("torchopt") is not None
 HAS_HIGHER = importlib.util.find_spec("higher") is not None
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _available(implementation: str) -> bool:
@@ -441,17 +438,7 @@ def test_which_suites_run(argv: list[str], suites: list[str],
 
 def test_quick_parses_to_a_short_run_of_the_real_workloads(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    calls: dict[str, Any] = {}
-
-    def fake(**kwargs: Any) -> MetaSuiteResult:
-        calls.update(kwargs)
-        return _synthetic()
-
-    monkeypatch.setattr(bench_cli, "run_meta_suite", fake)
-    monkeypatch.setattr(bench_cli, "run_suite", lambda **kw: pytest.fail("ran A/B/C"))
-    monkeypatch.setattr(bench_cli, "build_ops", lambda: None)
-    for name in ("higher", "matplotlib", "tqdm"):
-        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    calls = fake_meta_suite(monkeypatch, _synthetic())
     assert bench_cli.main(["--quick", "--no-plot", "--out", str(tmp_path)]) == 0
     assert list(calls["workloads"]) == list(META_WORKLOADS)
     assert calls["implementations"] == ["loft", "higher"]

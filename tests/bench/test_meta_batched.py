@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-import types
 from pathlib import Path
 from typing import Any
 
@@ -35,16 +34,13 @@ from loft.bench.meta_workloads import (
     stack_tasks,
 )
 
+from ._cli import fake_meta_suite
+
 ROOT = Path(__file__).resolve().parents[2]
 HAS_HIGHER = importlib.util.find_spec("higher") is not None
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- the workloads: batched setting, stacking, per-task losses ------------------------
@@ -237,17 +233,7 @@ def test_batched_parses_to_the_maml_workloads(monkeypatch: pytest.MonkeyPatch,
     args = bench_cli.parse_args(["--batched"])
     assert bench_cli.selected_suites(args) == ["meta"]
     assert bench_cli.suite_implementations(args, "meta") == ["loft", "higher"]
-    calls: dict[str, Any] = {}
-
-    def fake(**kwargs: Any) -> MetaSuiteResult:
-        calls.update(kwargs)
-        return _batched_result()
-
-    monkeypatch.setattr(bench_cli, "run_meta_suite", fake)
-    monkeypatch.setattr(bench_cli, "run_suite", lambda **kw: pytest.fail("ran A/B/C"))
-    monkeypatch.setattr(bench_cli, "build_ops", lambda: None)
-    for name in ("higher", "matplotlib", "tqdm"):
-        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    calls = fake_meta_suite(monkeypatch, _batched_result())
     assert bench_cli.main(["--batched", "--no-plot", "--out", str(tmp_path)]) == 0
     assert (list(calls["workloads"]), list(calls["optimizers"])) == \
         (["sinusoid", "omniglot"], ["sgd"])
