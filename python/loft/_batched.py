@@ -6,8 +6,9 @@ tensor argument of a forward. :func:`batched_call` runs task ``t``'s slice of th
 arguments on task ``t``'s slice of the weights and buffers, for all ``t`` at once:
 
 - **Native** (:mod:`loft._batched_layers`): a model built only of layers loft knows
-  (``Sequential`` of ``Linear``, ``Conv2d``, ``BatchNorm``, activations, pooling,
-  ``Flatten``, ``Dropout``) runs as batched PyTorch ops directly.
+  (``Sequential`` of ``Linear``, ``Conv*d``, ``BatchNorm*d``, activations, pooling,
+  ``Flatten``, ``Dropout``) runs as batched PyTorch ops directly; on the CPU in chunks of
+  tasks (:data:`CHUNK_BYTES`).
 - **vmap**: any other model runs as ``torch.func.vmap`` over its own forward
   (``randomness="different"``: dropout draws independent masks per task). BatchNorm
   updates its per-task running statistics (``[N, C]``) in place.
