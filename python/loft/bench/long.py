@@ -235,7 +235,7 @@ def run_long_suite(steps: Sequence[int] = DEFAULT_LONG_STEPS,
                    progress: bool = True, timeout: float | None = 600.0,
                    command: str | None = None) -> LongResult:
     """Run every (mode, T, repeat) in its own worker process and collect the results."""
-    from loft.bench.suite import ForkServer, _worker_env, machine_info
+    from loft.bench.suite import ForkServer, Progress, _worker_env, load_average, machine_info
 
     for mode in modes:
         if mode not in LONG_MODES:
@@ -253,26 +253,14 @@ def run_long_suite(steps: Sequence[int] = DEFAULT_LONG_STEPS,
                 checkpoint_every=CHECKPOINT_EVERY, truncate_every=TRUNCATE_EVERY,
                 warmup_steps=WARMUP_STEPS)
     env = _worker_env("loft", threads)
-    bar = _progress_bar(len(specs)) if progress else None
     records = []
-    try:
-        with ForkServer(threads) as launcher:
-            for spec in specs:
-                if bar is not None:
-                    bar.set_postfix_str(f"{spec['mode']}/T={spec['steps']}/#{spec['repeat']}")
-                record = launcher.run({**spec, "threads": threads}, env, timeout)
-                record.update(mode=spec["mode"], steps=spec["steps"], repeat=spec["repeat"])
-                records.append(record)
-                if bar is not None:
-                    bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
-    meta["load_average_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    with Progress(len(specs), "loft.bench --long", progress) as bar, \
+            ForkServer(threads) as launcher:
+        for spec in specs:
+            bar.start(f"{spec['mode']}/T={spec['steps']}/#{spec['repeat']}")
+            record = launcher.run({**spec, "threads": threads}, env, timeout)
+            record.update(mode=spec["mode"], steps=spec["steps"], repeat=spec["repeat"])
+            records.append(record)
+            bar.done()
+    meta["load_average_after"] = load_average()
     return LongResult(meta, records)
-
-
-def _progress_bar(total: int) -> Any:
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc="loft.bench --long", unit="run", dynamic_ncols=True)

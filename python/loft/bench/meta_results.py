@@ -35,7 +35,7 @@ from typing import Any
 from loft.bench import plotting
 from loft.bench.meta_measure import BATCHED, META_IMPLEMENTATIONS
 from loft.bench.meta_workloads import META_WORKLOADS
-from loft.bench.results import write_result
+from loft.bench.results import RunRecords, write_result
 
 __all__ = [
     "MetaSuiteResult",
@@ -253,16 +253,9 @@ def _ms(value: float) -> str:
 
 
 @dataclass
-class MetaSuiteResult:
+class MetaSuiteResult(RunRecords):
     """Everything one real-workload run produced: meta data and one record per process
     (``round`` says which round it belongs to)."""
-
-    meta: dict[str, Any]
-    records: list[dict[str, Any]]
-
-    @property
-    def errors(self) -> list[dict[str, Any]]:
-        return [r for r in self.records if "error" in r]
 
     @property
     def summary(self) -> list[dict[str, Any]]:

@@ -26,7 +26,6 @@ workloads with SGD, loft-batched against loft, higher and the floor.
 from __future__ import annotations
 
 import importlib.util
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -40,7 +39,7 @@ from loft.bench.meta_measure import (
 )
 from loft.bench.meta_results import MetaSuiteResult
 from loft.bench.meta_workloads import META_WORKLOADS, MetaWorkload
-from loft.bench.suite import ForkServer, _worker_env, machine_info
+from loft.bench.suite import ForkServer, Progress, _worker_env, load_average, machine_info
 
 __all__ = [
     "MetaJob",
@@ -200,32 +199,26 @@ def run_meta_suite(
     torchopt_version = _version("torchopt") if "torchopt" in implementations else None
     if torchopt_version:
         meta["torchopt"] = torchopt_version
-    bar = _progress_bar(len(jobs) * rounds) if progress else None
     records = []
-    try:
-        with ForkServer(threads) as launcher:
-            for k in range(rounds):
-                for job in round_order(jobs, k):
-                    if bar is not None:
-                        bar.set_postfix_str(f"round {k + 1}: {job.label}")
-                    spec = {"suite": "meta", "workload": job.workload.to_dict(),
-                            "implementation": job.implementation, "repeats": repeats,
-                            "threads": threads, "time_budget_s": time_budget_s}
-                    # loft-batched is loft: its worker gets loft's (fused) backend.
-                    env = _worker_env("loft" if job.implementation == BATCHED
-                                      else job.implementation, threads)
-                    record = launcher.run(spec, env, timeout)
-                    if "error" in record:
-                        record.update(workload=job.workload.to_dict(),
-                                      implementation=job.implementation)
-                    record["round"] = k
-                    records.append(record)
-                    if bar is not None:
-                        bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
-    meta["load_average_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    with Progress(len(jobs) * rounds, "loft.bench real workloads", progress) as bar, \
+            ForkServer(threads) as launcher:
+        for k in range(rounds):
+            for job in round_order(jobs, k):
+                bar.start(f"round {k + 1}: {job.label}")
+                spec = {"suite": "meta", "workload": job.workload.to_dict(),
+                        "implementation": job.implementation, "repeats": repeats,
+                        "threads": threads, "time_budget_s": time_budget_s}
+                # loft-batched is loft: its worker gets loft's (fused) backend.
+                env = _worker_env("loft" if job.implementation == BATCHED
+                                  else job.implementation, threads)
+                record = launcher.run(spec, env, timeout)
+                if "error" in record:
+                    record.update(workload=job.workload.to_dict(),
+                                  implementation=job.implementation)
+                record["round"] = k
+                records.append(record)
+                bar.done()
+    meta["load_average_after"] = load_average()
     return MetaSuiteResult(meta, records)
 
 
@@ -242,9 +235,3 @@ def _version(distribution: str) -> str | None:
         return version(distribution)
     except Exception:  # noqa: BLE001 - metadata is informative only
         return None
-
-
-def _progress_bar(total: int) -> Any:
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc="loft.bench real workloads", unit="run", dynamic_ncols=True)

@@ -166,20 +166,27 @@ def _fmt(value: Any, spec: str) -> str:
 
 
 @dataclass
-class SuiteResult:
-    """Everything one suite run produced."""
+class RunRecords:
+    """What every suite's run produces: its meta data and one record per process (a
+    record with an ``"error"`` key is a process that failed)."""
 
     meta: dict[str, Any]
     records: list[dict[str, Any]]
+
+    @property
+    def errors(self) -> list[dict[str, Any]]:
+        return [r for r in self.records if "error" in r]
+
+
+@dataclass
+class SuiteResult(RunRecords):
+    """Everything one suite run produced."""
+
     derived: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.derived:
             self.derived = derive(self.records)
-
-    @property
-    def errors(self) -> list[dict[str, Any]]:
-        return [r for r in self.records if "error" in r]
 
     def target_rows(self) -> list[dict[str, Any]]:
         """Each target of :data:`TARGETS` whose workload was measured, with its value."""
@@ -361,15 +368,8 @@ def summarize(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 @dataclass
-class LongResult:
+class LongResult(RunRecords):
     """Everything one ``--long`` run produced: meta data and one record per process."""
-
-    meta: dict[str, Any]
-    records: list[dict[str, Any]]
-
-    @property
-    def errors(self) -> list[dict[str, Any]]:
-        return [r for r in self.records if "error" in r]
 
     @property
     def summary(self) -> list[dict[str, Any]]:

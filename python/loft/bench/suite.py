@@ -91,7 +91,7 @@ def machine_info(threads: int, device: str, command: str | None = None) -> dict[
         "torch": torch.__version__,
         "threads": threads,
         "device": device,
-        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "load_average": load_average(),
     }
     if device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
@@ -125,6 +125,38 @@ def _worker_failure(code: int | None, output: str) -> dict[str, Any]:
     """The error record of a worker that exited with ``code``: the last lines it wrote."""
     tail = output.strip().splitlines()[-15:]
     return {"error": f"worker exited with {code}: " + "\n".join(tail)}
+
+
+def load_average() -> list[float] | None:
+    """The machine's 1, 5 and 15 minute load averages (``None`` where the OS has none)."""
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
+class Progress:
+    """A suite's progress bar over ``total`` runs (tqdm), or nothing when not ``enabled``:
+    ``start(label)`` before a run, ``done()`` after it; closed on leaving the ``with``."""
+
+    def __init__(self, total: int, desc: str, enabled: bool = True) -> None:
+        self.bar: Any = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="run", dynamic_ncols=True)
+
+    def start(self, label: str) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(label)
+
+    def done(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 class ForkServer:
@@ -288,22 +320,11 @@ def run_suite(
     meta.update(models=list(models), optimizers=list(optimizers), steps=list(steps),
                 implementations=list(implementations), repeats=repeats,
                 time_budget_s=time_budget_s, notes=notes)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(jobs), desc="loft.bench", unit="run", dynamic_ncols=True)
     records = []
-    try:
-        with ForkServer(threads) as launcher:
-            for job in jobs:
-                if bar is not None:
-                    bar.set_postfix_str(job.label)
-                records.append(run_worker(job, repeats, device, threads, timeout,
-                                          time_budget_s, launcher))
-                if bar is not None:
-                    bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
+    with Progress(len(jobs), "loft.bench", progress) as bar, ForkServer(threads) as launcher:
+        for job in jobs:
+            bar.start(job.label)
+            records.append(run_worker(job, repeats, device, threads, timeout,
+                                      time_budget_s, launcher))
+            bar.done()
     return SuiteResult(meta, records)
