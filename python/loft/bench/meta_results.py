@@ -35,7 +35,7 @@ from typing import Any
 from loft.bench import plotting
 from loft.bench.meta_measure import BATCHED, META_IMPLEMENTATIONS
 from loft.bench.meta_workloads import META_WORKLOADS
-from loft.bench.results import RunRecords, write_result
+from loft.bench.results import Bounded, RunRecords, write_result
 
 __all__ = [
     "MetaSuiteResult",
@@ -167,7 +167,7 @@ def speedup_text(value: float, peer: str) -> str:
 
 
 @dataclass(frozen=True)
-class MetaTarget:
+class MetaTarget(Bounded):
     """A goal on one workload for ``implementation`` (loft or loft-batched): a
     ``speedup`` over ``versus`` (at least ``bound``), ``over_floor`` (at most ``bound``),
     its ``time_ms`` (at most ``bound``), or its ``memory`` figure (``metric``, a key of
@@ -187,17 +187,8 @@ class MetaTarget:
                              f"memory, got {self.kind!r}")
 
     @property
-    def at_most(self) -> bool:
+    def at_most(self) -> bool:  # type: ignore[override]
         return self.kind != "speedup"
-
-    def check(self, value: float | None) -> bool | None:
-        if value is None:
-            return None
-        return value <= self.bound if self.at_most else value >= self.bound
-
-    @property
-    def text(self) -> str:
-        return f"{'<=' if self.at_most else '>='} {self.bound:g}"
 
     @property
     def description(self) -> str:

@@ -52,8 +52,29 @@ __all__ = [
 # ---- the suite ------------------------------------------------------------------------
 
 
+class Bounded:
+    """A bound on a figure: ``bound``, ``at_most`` (the figure must be <= it, else >=)
+    and ``tolerance``, slack allowed beyond it; shared by every suite's targets."""
+
+    bound: float
+    at_most: bool
+    tolerance: float = 0.0
+
+    def check(self, value: float | None) -> bool | None:
+        """Whether ``value`` meets the bound (``None``: not measured)."""
+        if value is None:
+            return None
+        if self.at_most:
+            return value <= self.bound + self.tolerance
+        return value >= self.bound - self.tolerance
+
+    @property
+    def text(self) -> str:
+        return f"{'<=' if self.at_most else '>='} {self.bound:g}"
+
+
 @dataclass(frozen=True)
-class Target:
+class Target(Bounded):
     """A goal of issue 5: ``metric`` of loft vs higher (or floor) on a workload at T=50."""
 
     model: str
@@ -64,17 +85,6 @@ class Target:
     steps: int = 50
     implementation: str = "loft"
     tolerance: float = 0.0  # slack allowed beyond the bound
-
-    def check(self, value: float | None) -> bool | None:
-        if value is None:
-            return None
-        if self.at_most:
-            return value <= self.bound + self.tolerance
-        return value >= self.bound - self.tolerance
-
-    @property
-    def text(self) -> str:
-        return f"{'<=' if self.at_most else '>='} {self.bound:g}"
 
 
 #: The issue's targets (CPU, 1 thread, loft fused vs higher 0.2.1, same run, T=50).
@@ -306,7 +316,7 @@ TARGET_STEPS = 300
 
 
 @dataclass(frozen=True)
-class Ratio:
+class Ratio(Bounded):
     """``numerator_mode``'s ``metric`` over ``denominator_mode``'s, and its bound."""
 
     name: str
@@ -323,15 +333,6 @@ class Ratio:
         if top is None or not bottom:
             return None
         return top / bottom
-
-    def check(self, value: float | None) -> bool | None:
-        if value is None:
-            return None
-        return value <= self.bound if self.at_most else value >= self.bound
-
-    @property
-    def text(self) -> str:
-        return f"{'<=' if self.at_most else '>='} {self.bound:g}"
 
 
 #: The issue's ratios (targets stated at T = 300).
