@@ -19,7 +19,9 @@ replaced rather than updated) raises an error naming the module that failed.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -48,7 +50,7 @@ def expand_to_tasks(t: Tensor, tasks: int) -> Tensor:
 
 
 def _check_inputs(tasks: int, args: tuple[Any, ...], kwargs: dict[str, Any],
-                  where: str) -> tuple[list[Any], Any, list[int]]:
+                  root: Any, module: Any) -> tuple[list[Any], Any, list[int]]:
     """The leaves of ``(args, kwargs)``, their structure and the positions of the tensor
     leaves, after checking that each tensor has a leading task dimension of ``tasks``."""
     leaves, spec = pytree.tree_flatten((args, kwargs))
@@ -58,7 +60,8 @@ def _check_inputs(tasks: int, args: tuple[Any, ...], kwargs: dict[str, Any],
         if leaf.dim() == 0 or leaf.shape[0] != tasks:
             paths, _ = pytree.tree_flatten_with_path((args, kwargs))
             raise ValueError(
-                f"{where}: with tasks={tasks} every tensor argument carries a leading task "
+                f"{_call_name(root, module)}: with tasks={tasks} every tensor argument "
+                f"carries a leading task "
                 f"dimension of size {tasks}, but argument {_describe_path(paths[k][0])} has "
                 f"shape {list(leaf.shape)}")
     return leaves, spec, positions
@@ -75,12 +78,11 @@ def batched_call(root: Any, module: Any, args: tuple[Any, ...], kwargs: dict[str
     """``module``'s original forward (``module``: ``root`` or one of its patched
     submodules) on every task's slice of ``args``, the fast weights and the buffers."""
     tasks = root._loft_tasks
-    name = "fmodel" if module is root else f"fmodel.{_module_name(root, module)}"
     one = args[0] if len(args) == 1 and not kwargs else None
     if type(one) is Tensor and one.dim() > 0 and one.shape[0] == tasks:
         leaves = spec = positions = None  # the common call: one tensor, checked
     else:
-        leaves, spec, positions = _check_inputs(tasks, args, kwargs, name)
+        leaves, spec, positions = _check_inputs(tasks, args, kwargs, root, module)
     fast = root.fast_params
     slots = [(m._buffers, key) for m in (root, *root._loft_inner)
              for key, b in m._buffers.items() if isinstance(b, Tensor)]
@@ -90,14 +92,15 @@ def batched_call(root: Any, module: Any, args: tuple[Any, ...], kwargs: dict[str
         if isinstance(one, Tensor) and native_forward(module):
             return _native(root, module, one, fast, slots)
         if leaves is None:
-            leaves, spec, positions = _check_inputs(tasks, args, kwargs, name)
+            leaves, spec, positions = _check_inputs(tasks, args, kwargs, root, module)
         return _vmapped(root, module, fast, slots, leaves, spec, positions)
     except RuntimeError as error:
         if not _is_batching_error(error):
             raise
         failed = _failing_module(error, root) or module
         raise RuntimeError(
-            f"{name}: the forward of {_describe_module(root, failed)} cannot be batched over "
+            f"{_call_name(root, module)}: the forward of {_describe_module(root, failed)} "
+            f"cannot be batched over "
             f"tasks={tasks} (torch.func.vmap: {error}). Make that module's forward "
             f"vmap-compatible, or run the tasks one at a time (tasks=None)") from error
     finally:
@@ -152,22 +155,32 @@ def _task_bytes(root: Any, module: Any, x: Tensor, fast: list[Tensor],
                          [meta(b) for b in buffers])[1]
 
 
-def _on_tasks(root: Any, module: Any, x: Tensor, fast: list[Tensor],
-              slots: list[tuple[dict[str, Any], str]], buffers: list[Tensor],
-              ) -> tuple[Tensor, int]:
-    """:func:`run_native` on some of the tasks alone: ``x``, ``fast`` and ``buffers`` are
-    their slices, put into the slots for the call (the full ones restored after)."""
+@contextlib.contextmanager
+def _slots_holding(root: Any, slots: list[tuple[dict[str, Any], str]], fast: list[Tensor],
+                   buffers: list[Tensor]) -> Iterator[None]:
+    """Inside, the patched model's parameter and buffer slots hold ``fast`` and
+    ``buffers`` (some tasks' slices, or one task's under vmap); the model's full fast
+    weights and buffers are back in them after."""
     full_fast = root.fast_params
     full_buffers = [d[key] for d, key in slots]
     root._write(fast)
     for (d, key), b in zip(slots, buffers):
         d[key] = b
     try:
-        return run_native(module, x, x.shape[0])
+        yield
     finally:
         for (d, key), b in zip(slots, full_buffers):
             d[key] = b
         root._write(full_fast)
+
+
+def _on_tasks(root: Any, module: Any, x: Tensor, fast: list[Tensor],
+              slots: list[tuple[dict[str, Any], str]], buffers: list[Tensor],
+              ) -> tuple[Tensor, int]:
+    """:func:`run_native` on some of the tasks alone: ``x``, ``fast`` and ``buffers`` are
+    their slices."""
+    with _slots_holding(root, slots, fast, buffers):
+        return run_native(module, x, x.shape[0])
 
 
 def _vmapped(root: Any, module: Any, fast: list[Tensor],
@@ -176,14 +189,10 @@ def _vmapped(root: Any, module: Any, fast: list[Tensor],
     """``module``'s forward under ``torch.func.vmap`` over the fast weights, buffers and
     inputs."""
     forward = module._loft_wrapped.forward
-    buffers = [d[key] for d, key in slots]
 
     def one_task(task_fast: list[Tensor], task_buffers: list[Tensor],
                  task_inputs: list[Tensor]) -> Any:
-        root._write(task_fast)
-        for (d, key), b in zip(slots, task_buffers):
-            d[key] = b
-        try:
+        with _slots_holding(root, slots, task_fast, task_buffers):
             task_leaves = list(leaves)
             for k, value in zip(positions, task_inputs):
                 task_leaves[k] = value
@@ -195,11 +204,8 @@ def _vmapped(root: Any, module: Any, fast: list[Tensor],
                         f"vmap: the buffer {key!r} was replaced during the forward (batched "
                         f"buffers must be updated in place)")
             return out
-        finally:
-            for (d, key), b in zip(slots, buffers):
-                d[key] = b
-            root._write(fast)
 
+    buffers = [d[key] for d, key in slots]
     inputs = [leaves[k] for k in positions]
     return torch.func.vmap(one_task, randomness="different")(fast, buffers, inputs)
 
@@ -224,6 +230,11 @@ def _failing_module(error: BaseException, root: Any) -> nn.Module | None:
             found = candidate
         tb = tb.tb_next
     return found
+
+
+def _call_name(root: Any, module: Any) -> str:
+    """How the call of ``module`` reads: ``fmodel`` or ``fmodel.encoder`` (for errors)."""
+    return "fmodel" if module is root else f"fmodel.{_module_name(root, module)}"
 
 
 def _module_name(root: Any, module: Any) -> str:
