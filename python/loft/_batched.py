@@ -28,7 +28,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
-from loft._batched_layers import native_forward, run_native
+from loft._batched_layers import is_native, run_native
 
 __all__ = ["check_tasks", "batched_call", "expand_to_tasks"]
 
@@ -89,7 +89,7 @@ def batched_call(root: Any, module: Any, args: tuple[Any, ...], kwargs: dict[str
     state = root.__dict__
     state["_loft_calls"] = root._loft_calls + 1
     try:
-        if isinstance(one, Tensor) and native_forward(module):
+        if isinstance(one, Tensor) and is_native(module):
             return _native(root, module, one, fast, slots)
         if leaves is None:
             leaves, spec, positions = _check_inputs(tasks, args, kwargs, root, module)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["native_forward", "run_native", "runs_natively"]
+__all__ = ["is_native", "run_native", "runs_natively"]
 
 #: Layers with no parameters or buffers that act on every element alike.
 _ELEMENTWISE: tuple[type[nn.Module], ...] = (
@@ -59,9 +59,9 @@ def runs_natively(module: nn.Module) -> bool:
     return True
 
 
-def native_forward(module: Any) -> bool:
-    """Whether ``module``'s forward runs as native batched ops (decided once per patched
-    module; otherwise it runs through vmap)."""
+def is_native(module: Any) -> bool:
+    """:func:`runs_natively`, remembered per patched module (otherwise its forward runs
+    through vmap)."""
     known = module.__dict__.get("_loft_native")
     if known is None:
         known = module.__dict__["_loft_native"] = runs_natively(module)

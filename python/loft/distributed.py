@@ -18,9 +18,10 @@ The next backward that reaches the parameters (the meta-backward) then averages 
 is ready, with DDP's bucket sizes and any communication hook registered on it. (A
 meta-gradient is complete only when the meta-backward reaches the initial fast weights,
 the graph's first nodes: every bucket becomes ready at the end, so the all-reduce runs
-after the meta-backward rather than during it; see docs/distributed.md.) Inside ``ddp_model.no_sync()`` (entered before the
-context) no reduction is prepared: the meta-gradients accumulate locally and the next
-synchronised meta-backward averages all of them, as in ordinary training.
+after the meta-backward rather than during it; see docs/distributed.md.) Inside
+``ddp_model.no_sync()`` (entered before the context) no reduction is prepared: the
+meta-gradients accumulate locally and the next synchronised meta-backward averages all of
+them, as in ordinary training.
 
 What DDP averages is ``(1 / world size) * sum over ranks of each rank's .grad``: with a
 different number of tasks per rank, each task weighs ``1 / world size`` of its rank's
