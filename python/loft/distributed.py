@@ -80,7 +80,7 @@ def check_replicas(module: nn.Module, group: Any = None) -> None:
     parameters when it is built; this catches a change made after that on some ranks).
     """
     _require_process_group("check_replicas", group)
-    params = [p for p in module.parameters()]
+    params = list(module.parameters())
     if not params:
         return
     device = params[0].device
