@@ -1,9 +1,12 @@
-"""Running ``python -m loft.bench``'s ``main`` in a test without running a suite."""
+"""Running ``python -m loft.bench`` in tests: its ``main`` without running a suite, or
+the real command in a subprocess."""
 
 from __future__ import annotations
 
+import os
 import sys
 import types
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,3 +31,13 @@ def fake_meta_suite(monkeypatch: pytest.MonkeyPatch, result: MetaSuiteResult) ->
     for name in ("higher", "matplotlib", "tqdm"):
         monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
     return calls
+
+
+def subprocess_env() -> dict[str, str]:
+    """This process's environment with the repository's ``python/`` first on
+    ``PYTHONPATH``, for ``python -m loft.bench`` in a subprocess."""
+    env = dict(os.environ)
+    root = Path(__file__).resolve().parents[2]
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in [str(root / "python"), env.get("PYTHONPATH", "")] if p)
+    return env

@@ -21,15 +21,15 @@ from loft.bench.long import LongResult
 from loft.bench.plotting import PlotError
 from loft.bench.suite import SuiteResult
 
+from ._cli import subprocess_env
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_bench_cli_writes_table_json_and_plot(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     pytest.importorskip("tqdm")
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in [str(ROOT / "python"), env.get("PYTHONPATH", "")] if p)
+    env = subprocess_env()
     out = tmp_path / "bench"
     cmd = [sys.executable, "-m", "loft.bench", "--quick", "--models", "A", "--optimizers",
            "adam", "--steps", "2", "--repeats", "1", "--implementations", "loft",
@@ -53,9 +53,7 @@ def test_bench_cli_writes_table_json_and_plot(tmp_path: Path) -> None:
 def test_bench_long_quick_writes_all_modes_and_plot(tmp_path: Path) -> None:
     """``--long --quick``: one fresh process per (mode, T), all four modes in the JSON."""
     pytest.importorskip("matplotlib")
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in [str(ROOT / "python"), env.get("PYTHONPATH", "")] if p)
+    env = subprocess_env()
     out = tmp_path / "long"
     cmd = [sys.executable, "-m", "loft.bench", "--long", "--quick", "--no-progress",
            "--out", str(out)]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 import types
@@ -45,7 +44,7 @@ from loft.bench.meta_workloads import (
 from loft.bench.suite import SuiteResult
 from loft.bench.workloads import Workload
 
-from ._cli import fake_meta_suite
+from ._cli import fake_meta_suite, subprocess_env
 
 ROOT = Path(__file__).resolve().parents[2]
 HAS_TORCHOPT = importlib.util.find_spec("torchopt") is not None
@@ -501,9 +500,7 @@ def test_real_workloads_end_to_end(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     if not HAS_HIGHER:
         pytest.skip("higher is not installed")
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in [str(ROOT / "python"), env.get("PYTHONPATH", "")] if p)
+    env = subprocess_env()
     out = tmp_path / "bench"
     cmd = [sys.executable, "-m", "loft.bench", "--workloads", "sinusoid", "context",
            "--optimizers", "sgd", "--implementations", "loft", "higher", "--repeats", "1",

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -34,7 +33,7 @@ from loft.bench.meta_workloads import (
     stack_tasks,
 )
 
-from ._cli import fake_meta_suite
+from ._cli import fake_meta_suite, subprocess_env
 
 ROOT = Path(__file__).resolve().parents[2]
 HAS_HIGHER = importlib.util.find_spec("higher") is not None
@@ -264,9 +263,7 @@ def test_batched_end_to_end(tmp_path: Path) -> None:
     round of one meta-iteration: loft-batched runs in its own process with loft's fused
     backend, and the report, the JSON and the plot are written."""
     pytest.importorskip("matplotlib")
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in [str(ROOT / "python"), env.get("PYTHONPATH", "")] if p)
+    env = subprocess_env()
     out = tmp_path / "bench"
     cmd = [sys.executable, "-m", "loft.bench", "--batched", "--workloads", "sinusoid",
            "--implementations", "loft", "--no-floor", "--repeats", "1", "--rounds", "1",
